@@ -1,0 +1,105 @@
+"""Causal sliding-window softmax attention with a fixed-size carried KV window, no positional encoding (NoPE).
+
+Papers: Vaswani et al., "Attention Is All You Need" (arXiv 1706.03762) for the layer; sliding-window attention
+as in Longformer/Mistral and the hybrid precedents Samba (arXiv 2406.07522) and Griffin (arXiv 2402.19427),
+which keep a fixed local window so memory does not grow with the stream. The softmax itself is torch's
+`scaled_dot_product_attention` (it dispatches to flash/efficient kernels on CUDA).
+
+Window: the query at stream position t attends to itself and the `window` previous tokens, positions
+[t - window, t]. The state {"k","v" [B,H,W,hd], "valid" [B,W] bool} holds the keys and values of the last W
+tokens (W = window), so carrying it across segments gives exactly the one-pass result and its size never
+changes. A segment is processed in query blocks of at most W tokens, each attending to the cached window plus
+its own block, so memory is O(W²) per block rather than O(T²).
+
+Why NoPE: as in Jamba (arXiv 2403.19887), the recurrent RWKV/Mamba layers below an attention layer already
+make its inputs order-aware, so explicit positions are not needed; and with no positions the cached keys are
+valid wherever a segment boundary falls and at any stream length (no RoPE offsets to carry, no extrapolation
+beyond the training length).
+
+What differs from a plain transformer attention: the carried window state. Init: qkv ~ N(0, 0.02),
+out_proj ~ N(0, 0.02/sqrt(2·n_layers)) (GPT-2's residual rescale). `impl` is always "sdpa" (torch picks the
+backend); the model-wide `impl` only concerns the recurrent ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SlidingWindowAttention(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        window: int = 512,
+        layer_id: int = 0,
+        n_layers: int = 1,
+        impl: str = "auto",
+        device=None,
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"attn_heads={n_heads} must divide d_model={d_model}")
+        if window < 1:
+            raise ValueError(f"attn_window={window} must be >= 1")
+        self.d_model, self.n_heads, self.head_dim, self.window = d_model, n_heads, d_model // n_heads, window
+        self.impl = "sdpa"
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        with torch.no_grad():
+            nn.init.normal_(self.qkv.weight, std=0.02)
+            nn.init.normal_(self.out_proj.weight, std=0.02 / math.sqrt(2 * n_layers))
+
+    @classmethod
+    def from_config(cls, cfg, layer_id: int, device=None) -> SlidingWindowAttention:
+        return cls(
+            cfg.d_model,
+            cfg.attn_heads,
+            window=cfg.attn_window,
+            layer_id=layer_id,
+            n_layers=cfg.n_layers,
+            impl=cfg.impl,
+            device=device,
+        )
+
+    def init_state(self, batch_size: int, device) -> dict[str, torch.Tensor]:
+        shape = (batch_size, self.n_heads, self.window, self.head_dim)
+        return {
+            "k": torch.zeros(shape, device=device),
+            "v": torch.zeros(shape, device=device),
+            "valid": torch.zeros(batch_size, self.window, dtype=torch.bool, device=device),
+        }
+
+    def state_size(self) -> int:
+        return 2 * self.n_heads * self.window * self.head_dim + self.window
+
+    def forward(
+        self, x: torch.Tensor, state: dict[str, torch.Tensor] | None = None, *, position: int = 0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        B, T, _ = x.shape
+        H, hd, W = self.n_heads, self.head_dim, self.window
+        if state is None:
+            state = self.init_state(B, x.device)
+        q, k, v = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B,H,T,hd] each
+        cache_k, cache_v, valid = state["k"].to(k.dtype), state["v"].to(v.dtype), state["valid"]
+        outs = []
+        for a in range(0, T, W):
+            b = min(T, a + W)
+            n = b - a
+            keys = torch.cat([cache_k, k[:, :, a:b]], dim=2)  # [B,H,W+n,hd]
+            values = torch.cat([cache_v, v[:, :, a:b]], dim=2)
+            key_valid = torch.cat([valid, valid.new_ones(B, n)], dim=1)  # [B,W+n]
+            i = torch.arange(n, device=x.device)[:, None]
+            j = torch.arange(W + n, device=x.device)[None, :]
+            in_window = (j >= i) & (j <= i + W)  # key j sits at block position j - W
+            mask = in_window[None, None] & key_valid[:, None, None, :]  # [B,1,n,W+n]
+            outs.append(F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=mask))
+            cache_k, cache_v, valid = keys[:, :, -W:], values[:, :, -W:], key_valid[:, -W:]
+        y = torch.cat(outs, dim=2).transpose(1, 2).reshape(B, T, self.d_model)
+        new_state = {"k": cache_k.float(), "v": cache_v.float(), "valid": valid}
+        return self.out_proj(y), new_state

@@ -1,0 +1,153 @@
+"""Named model shapes, and parameter-matched variants for sweep cells.
+
+PRESETS maps a name to ModelConfig fields (everything else keeps its default; the training entry point
+replaces vocab_size with the tokenizer's). `python -m groundthink.models.presets` prints every preset's
+parameter count with the char vocabulary (264) and the 24k BPE vocabulary, counted on the meta device (no
+memory is allocated).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import torch
+
+from groundthink.models.config import ModelConfig
+
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 2,
+        "d_state": 16,
+        "mamba_head_dim": 32,
+        "attn_heads": 2,
+        "attn_window": 64,
+        "max_seq_len": 512,
+    },
+    "5m_deep": {"d_model": 256, "n_layers": 6, "n_heads": 4},
+    "8m_wide": {"d_model": 384, "n_layers": 4, "n_heads": 6},
+    "8m": {"d_model": 256, "n_layers": 12, "n_heads": 4},
+    "30m": {"d_model": 384, "n_layers": 10, "n_heads": 6},
+    "125m": {
+        "d_model": 768,
+        "n_layers": 16,
+        "n_heads": 12,
+        "d_state": 32,
+        "vocab_size": 24000,
+        "attn_heads": 12,
+        "max_seq_len": 8192,
+    },
+}
+
+MATCH_TOLERANCE = 0.05
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count of HybridLM(cfg), built on the meta device (no memory allocated, no init cost)."""
+    from groundthink.models.lm import HybridLM
+
+    with torch.device("meta"):
+        return HybridLM(cfg, device="meta").num_params()
+
+
+def preset(name: str, **changes) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; allowed: {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **changes})
+
+
+def _granularity(cfg: ModelConfig) -> int:
+    """d_model must be a multiple of this for every head split of cfg to stay whole."""
+    g = 8
+    if cfg.head_dim is None:
+        g = math.lcm(g, cfg.n_heads * (cfg.state_norm_groups if cfg.state_norm else 1))
+    letters = set(cfg.layer_letters())
+    if "A" in letters:
+        g = math.lcm(g, cfg.attn_heads)
+    if letters & {"H", "M"}:
+        g = math.lcm(g, cfg.mamba_head_dim // math.gcd(cfg.mamba_expand, cfg.mamba_head_dim))
+    return g
+
+
+def param_matched(base_cfg: ModelConfig | dict, **changes) -> ModelConfig:
+    """base_cfg with `changes` applied and d_model re-chosen so the parameter count stays within ±5% of base.
+
+    d_model moves in steps of the head granularity (a multiple of 8, of n_heads when head_dim is derived, of
+    attn_heads, and whatever keeps mamba_expand·d_model divisible by mamba_head_dim); the closest count wins.
+    When those steps are too coarse to land within ±5%, ffn_mult is tuned as well (at the nearest d_models),
+    moving it as little as possible. Raises ValueError when nothing gets within the tolerance.
+    """
+    base = base_cfg if isinstance(base_cfg, ModelConfig) else ModelConfig(**base_cfg)
+    if "d_model" in changes:
+        raise ValueError("param_matched chooses d_model itself; do not pass d_model in changes")
+    target = count_params(base)
+    changed = base.replace(**changes)
+    g = _granularity(changed)
+
+    def count_at(k: int) -> int | None:
+        try:
+            return count_params(changed.replace(d_model=k * g))
+        except ValueError:
+            return None
+
+    lo, hi = 1, max(2, 4 * math.ceil(base.d_model / g))
+    while (count_at(hi) or 0) < target:
+        hi *= 2
+    while hi - lo > 1:  # smallest k whose count reaches the target (counts grow with d_model)
+        mid = (lo + hi) // 2
+        c = count_at(mid)
+        if c is not None and c >= target:
+            hi = mid
+        else:
+            lo = mid
+    candidates = [(k, count_at(k)) for k in (hi - 1, hi) if k >= 1]
+    candidates = [(k, c) for k, c in candidates if c is not None]
+    if not candidates:
+        raise ValueError(f"param_matched: no valid d_model near {hi * g} for {changes}")
+    k, c = min(candidates, key=lambda kc: abs(kc[1] - target))
+    if abs(c - target) <= MATCH_TOLERANCE * target:
+        return changed.replace(d_model=k * g)
+    # d_model steps too coarse here (e.g. Mamba's head split): keep the nearest d_model on each side and tune
+    # the FFN width, the one continuous knob, choosing the match whose ffn_mult moves least.
+    options = []
+    for k, _ in candidates:
+        cfg = _match_ffn_mult(changed.replace(d_model=k * g), target)
+        if cfg is not None:
+            options.append(cfg)
+    if not options:
+        raise ValueError(
+            f"param_matched: cannot keep {target:,} parameters within ±{MATCH_TOLERANCE:.0%} "
+            f"after {changes}: "
+            f"closest d_model={k * g} has {c:,}"
+        )
+    return min(options, key=lambda cfg: abs(math.log(cfg.ffn_mult / changed.ffn_mult)))
+
+
+def _match_ffn_mult(cfg: ModelConfig, target: int) -> ModelConfig | None:
+    lo, hi = 0.25 * cfg.ffn_mult, 4.0 * cfg.ffn_mult
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        if count_params(cfg.replace(ffn_mult=mid)) < target:
+            lo = mid
+        else:
+            hi = mid
+    best = min(
+        (cfg.replace(ffn_mult=round(m, 4)) for m in (lo, hi)), key=lambda c: abs(count_params(c) - target)
+    )
+    return best if abs(count_params(best) - target) <= MATCH_TOLERANCE * target else None
+
+
+def main() -> None:
+    print(f"{'preset':<10} {'shape':<22} {'params (vocab 264)':>20} {'params (vocab 24000)':>22}")
+    for name, fields in PRESETS.items():
+        cfg = ModelConfig(**fields)
+        shape = f"{cfg.n_layers}x{cfg.d_model} {cfg.pattern}"
+        char = count_params(ModelConfig(**{**asdict(cfg), "vocab_size": 264}))
+        bpe = count_params(ModelConfig(**{**asdict(cfg), "vocab_size": 24000}))
+        print(f"{name:<10} {shape:<22} {char:>20,} {bpe:>22,}")
+
+
+if __name__ == "__main__":
+    main()
