@@ -1,0 +1,287 @@
+"""Run infrastructure: provenance, the wide metrics.csv logger, W&B mode and lifecycle, run folders."""
+
+from __future__ import annotations
+
+import errno
+import math
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+import pytest
+
+from groundthink.training import rundir, wandb_setup
+from groundthink.training.metrics_logger import CSVMetricsLogger, read_metrics_csv
+from groundthink.training.provenance import collect_provenance
+from groundthink.training.rundir import RunDirError, ensure_writable, make_run_dir, new_run_id
+
+PROVENANCE_KEYS = {
+    "git_sha",
+    "git_branch",
+    "git_dirty",
+    "python",
+    "torch",
+    "cuda",
+    "gpu_name",
+    "lightning",
+    "hydra",
+    "wandb",
+    "hostname",
+    "platform",
+    "command",
+    "timestamp_utc",
+}
+
+
+def test_provenance_in_a_git_repository_is_complete_and_fast(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q", "-b", "trunk"], check=True)
+    (repo / "a.txt").write_text("one\n")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], check=True)
+    (repo / "outputs").mkdir()
+    (repo / "outputs" / "metrics.csv").write_text("step\n")  # untracked outputs do not make the tree dirty
+
+    t0 = time.perf_counter()
+    p = collect_provenance(repo)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 0.3, f"collect_provenance took {elapsed:.3f} s"
+    assert PROVENANCE_KEYS <= set(p)
+    assert (
+        re.fullmatch(r"[0-9a-f]{40}", p["git_sha"]) and p["git_branch"] == "trunk" and p["git_dirty"] is False
+    )
+    assert p["git_diff_sha256"] is None
+    assert p["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert p["torch"] and p["lightning"] and p["hydra"] and p["wandb"]
+    assert datetime.fromisoformat(p["timestamp_utc"]).utcoffset().total_seconds() == 0
+
+    (repo / "a.txt").write_text("two\n")
+    dirty = collect_provenance(repo)
+    assert dirty["git_dirty"] is True and re.fullmatch(r"[0-9a-f]{64}", dirty["git_diff_sha256"])
+
+
+def test_provenance_outside_git_has_null_git_fields(tmp_path):
+    p = collect_provenance(tmp_path)
+    assert PROVENANCE_KEYS <= set(p)
+    assert p["git_sha"] is None and p["git_branch"] is None and p["git_dirty"] is None
+    assert p["hostname"] and p["python"]
+
+
+def _log_run(logger: CSVMetricsLogger, steps) -> None:
+    for step in steps:
+        logger.log_metrics({"train/loss": 5.0 / step}, step=step)
+        if step % 2 == 0:
+            logger.log_metrics({"val/loss": 6.0 / step, "val/bpb": 1.5}, step=step)
+        if step >= 5:
+            logger.log_metrics({"perf/tokens_per_s": 1000 + step}, step=step)
+
+
+def test_metrics_csv_is_wide_and_grows_columns(tmp_path):
+    logger = CSVMetricsLogger(tmp_path)
+    logger.log_metrics({"train/loss": 2.5}, step=1)
+    assert (tmp_path / "metrics.csv").read_text() == "step,train/loss\n1,2.5\n"
+    logger.log_metrics({"train/loss": 2.25}, step=2)
+    logger.log_metrics({"val/loss": 2.75}, step=2)  # same step: merged into one row, new column
+    logger.log_metrics({"train/loss": float("nan"), "lr": 3}, step=3)
+    logger.finalize("success")
+    assert (tmp_path / "metrics.csv").read_text() == (
+        "step,train/loss,val/loss,lr\n1,2.5,,\n2,2.25,2.75,\n3,nan,,3\n"
+    )
+    series = read_metrics_csv(tmp_path / "metrics.csv")
+    assert series["train/loss"][:2] == [(1, 2.5), (2, 2.25)] and math.isnan(series["train/loss"][2][1])
+    assert series["val/loss"] == [(2, 2.75)] and series["lr"] == [(3, 3.0)]
+
+
+def test_metrics_csv_append_path_matches_a_full_rewrite(tmp_path):
+    incremental = CSVMetricsLogger(tmp_path / "a")
+    batched = CSVMetricsLogger(tmp_path / "b", flush_every=1000)
+    _log_run(incremental, range(1, 12))
+    _log_run(batched, range(1, 12))
+    assert not (tmp_path / "b" / "metrics.csv").exists()  # batched: nothing written before a flush
+    batched.finalize("success")
+    incremental.log_metrics({"late": 1.0}, step=4)  # an older row gets a new value -> full rewrite
+    batched.log_metrics({"late": 1.0}, step=4)
+    incremental.finalize("success")
+    batched.finalize("success")
+    text = (tmp_path / "a" / "metrics.csv").read_text()
+    assert text == (tmp_path / "b" / "metrics.csv").read_text()
+    assert text.splitlines()[0] == "step,train/loss,val/loss,val/bpb,perf/tokens_per_s,late"
+    assert len(text.splitlines()) == 12
+
+
+def test_metrics_csv_resume_equals_uninterrupted_run(tmp_path):
+    full = CSVMetricsLogger(tmp_path / "full")
+    _log_run(full, range(1, 11))
+    full.finalize("success")
+
+    crashed = CSVMetricsLogger(tmp_path / "resumed")
+    _log_run(crashed, range(1, 8))  # steps 5..7 happen after the checkpoint at step 4, then the run dies
+    crashed.finalize("failed")
+    resumed = CSVMetricsLogger(tmp_path / "resumed", resume_step=4)
+    after_truncation = read_metrics_csv(tmp_path / "resumed" / "metrics.csv")
+    assert max(s for series in after_truncation.values() for s, _ in series) == 4
+    assert "perf/tokens_per_s" not in after_truncation  # a column only later rows used is dropped too
+    _log_run(resumed, range(5, 11))
+    resumed.finalize("success")
+    assert (tmp_path / "resumed" / "metrics.csv").read_bytes() == (
+        tmp_path / "full" / "metrics.csv"
+    ).read_bytes()
+
+
+def test_metrics_reader_rejects_foreign_csv(tmp_path):
+    (tmp_path / "x.csv").write_text("time,loss\n1,2\n")
+    with pytest.raises(ValueError, match="first column must be 'step'"):
+        read_metrics_csv(tmp_path / "x.csv")
+
+
+@pytest.fixture
+def no_wandb_credentials(tmp_path, monkeypatch):
+    for var in (
+        "WANDB_API_KEY",
+        "WANDB_IDENTITY_TOKEN_FILE",
+        "WANDB_MODE",
+        "WANDB_DISABLED",
+        "WANDB_BASE_URL",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    for var, sub in (
+        ("WANDB_CONFIG_DIR", "config"),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_DATA_DIR", "data"),
+    ):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / sub))
+
+    def network_forbidden(*args, **kwargs):
+        raise AssertionError("the network must not be probed without credentials")
+
+    monkeypatch.setattr(wandb_setup, "host_reachable", network_forbidden)
+    return tmp_path
+
+
+def test_wandb_mode_without_credentials_is_offline(no_wandb_credentials, monkeypatch):
+    assert wandb_setup.has_credentials() is False
+    assert wandb_setup.wandb_mode("auto") == "offline"
+    assert wandb_setup.wandb_mode(None) == "offline"
+    assert wandb_setup.wandb_mode("online") == "offline"  # asked for, but it could only prompt or fail
+    assert wandb_setup.wandb_mode("disabled") == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_setup.wandb_mode("auto") == "disabled"
+    assert wandb_setup.wandb_mode("offline") == "offline"  # the config value wins over the environment
+    with pytest.raises(ValueError, match="allowed: auto, online, offline, disabled"):
+        wandb_setup.wandb_mode("sometimes")
+
+
+def test_wandb_mode_with_credentials_depends_on_reachability(no_wandb_credentials, monkeypatch):
+    home = no_wandb_credentials / "home"
+    home.mkdir()
+    (home / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    assert wandb_setup.has_credentials() is True
+    monkeypatch.setattr(wandb_setup, "host_reachable", lambda *a, **k: False)
+    assert wandb_setup.wandb_mode("auto") == "offline"
+    monkeypatch.setattr(wandb_setup, "host_reachable", lambda *a, **k: True)
+    assert wandb_setup.wandb_mode("auto") == "online"
+    assert wandb_setup.wandb_mode("offline") == "offline"
+
+
+def test_host_probe_is_bounded_and_cached(monkeypatch):
+    calls = []
+
+    def slow_connect(address, timeout):
+        calls.append(address)
+        time.sleep(3)
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(wandb_setup.socket, "create_connection", slow_connect)
+    monkeypatch.setattr(wandb_setup, "_reachable_cache", {})
+    t0 = time.perf_counter()
+    assert wandb_setup.host_reachable("https://wandb.invalid", timeout_s=0.2) is False
+    assert wandb_setup.host_reachable("https://wandb.invalid", timeout_s=0.2) is False
+    assert time.perf_counter() - t0 < 1.0 and calls == [("wandb.invalid", 443)]
+
+
+def test_offline_wandb_logger_writes_into_run_dir_resumes_same_id_and_finishes(no_wandb_credentials):
+    import wandb
+
+    run_dir = no_wandb_credentials / "run"
+    kwargs = dict(
+        project="groundthink-test",
+        name="t-abcd1234",
+        group="g",
+        tags=["a", "model.alpha=0.5"],
+        job_type="test",
+        config={"lr": 0.1},
+        run_id="abcd1234",
+        mode="offline",
+    )
+    logger = wandb_setup.make_wandb_logger(run_dir, **kwargs)
+    logger.log_metrics({"train/loss": 1.0}, step=1)
+    assert logger.experiment.id == "abcd1234"
+    assert "WANDB_MODE" not in __import__("os").environ  # no process-wide leak into the next multirun job
+    wandb_setup.finish_wandb(status_ok=True)
+    assert wandb.run is None
+    files = list((run_dir / "wandb").glob("offline-run-*-abcd1234/run-abcd1234.wandb"))
+    assert len(files) == 1
+
+    again = wandb_setup.make_wandb_logger(run_dir, **kwargs)
+    assert again.experiment.id == "abcd1234"
+    wandb_setup.finish_wandb(status_ok=False)
+    assert wandb.run is None
+    wandb_setup.finish_wandb(status_ok=True)  # nothing open: still safe
+
+
+def test_run_ids_are_unique_hex():
+    ids = [new_run_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(re.fullmatch(r"[0-9a-f]{8}", i) for i in ids)
+
+
+def test_make_run_dir_layout_and_no_reuse(tmp_path):
+    now = datetime(2026, 11, 24, 7, 0, 5)
+    d = make_run_dir(tmp_path / "outputs", "ablate_gamma", "1a2b3c4d", now=now)
+    assert d == tmp_path / "outputs" / "ablate_gamma" / "2026-11-24_07-00-05_1a2b3c4d" and d.is_dir()
+    same_second = [make_run_dir(tmp_path / "outputs", "ablate_gamma", now=now) for _ in range(20)]
+    assert len({p.name for p in same_second}) == 20
+    with pytest.raises(RunDirError, match="already exists"):
+        make_run_dir(tmp_path / "outputs", "ablate_gamma", "1a2b3c4d", now=now)
+    with pytest.raises(RunDirError, match="experiment name"):
+        make_run_dir(tmp_path / "outputs", "../escape", "1a2b3c4d")
+
+
+def test_ensure_writable_creates_and_checks(tmp_path):
+    target = tmp_path / "new" / "outputs"
+    assert ensure_writable(target) == target and target.is_dir()
+    assert list(target.iterdir()) == []  # the probe file is gone
+
+
+def test_ensure_writable_read_only_names_the_path(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(rundir.tempfile, "mkstemp", read_only)
+    with pytest.raises(RunDirError) as err:
+        ensure_writable(tmp_path / "outputs")
+    msg = str(err.value)
+    assert str(tmp_path / "outputs") in msg and "read-only" in msg and "paths.output_root=" in msg
+
+
+def test_ensure_writable_full_disk_names_the_path(tmp_path, monkeypatch):
+    class Usage:
+        total, used, free = 10 * 2**30, 10 * 2**30 - 2**20, 2**20
+
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: Usage())
+    with pytest.raises(RunDirError) as err:
+        ensure_writable(tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "1.0 MiB free" in msg and "paths.output_root=" in msg
+
+
+def test_ensure_writable_rejects_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(RunDirError, match="not a folder"):
+        ensure_writable(tmp_path / "f")
