@@ -1,0 +1,270 @@
+"""`groundthink-compare`: a table and plots with seed statistics from run folders or a multirun sweep.
+
+    groundthink-compare outputs/ablation_matrix-multirun/<sweep folder> [more folders...]
+        [--out DIR] [--baseline LABEL_OR_KEY=VALUE,...] [--within 20] [--seed-key seed] [--no-plots]
+    groundthink-compare --wandb ENTITY/PROJECT --group GROUP --out DIR
+
+Each input is a run folder (config.yaml / summary.json / metrics.csv) or a folder searched recursively for
+them (Hydra multirun job folders `<sweep>/<job_num>_<overrides>/`). Runs are grouped into cells by their
+overrides without the seed keys (see groundthink/reporting/cells.py). Per cell: seeds, failures, mean ± std
+over seeds of the final (last logged) and best (smallest) val/loss and val/bpb from metrics.csv, mean
+tokens/s, parameters, gate verdicts, and the G3.6 baseline rule: PASS when the cell's mean final val/loss
+is at most (1 + within/100) times the baseline cell's. Writes report.md, cells.csv, runs.csv, val_loss.png
+and one axis_<key>.png per swept axis to --out (default <first input>/report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from groundthink.reporting.cells import (
+    LOSS_METRICS,
+    Cell,
+    apply_baseline,
+    find_baseline,
+    group_cells,
+    varying_axes,
+)
+from groundthink.reporting.runs import CompareError, Run, load_runs
+
+PROG = "groundthink-compare"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Compare GroundThink runs: a Markdown/CSV table per configuration cell with mean ± std "
+                    "over seeds, a baseline check, and plots.")
+    p.add_argument("paths", nargs="*", help="run folders or sweep folders (searched recursively)")
+    p.add_argument("--out", help="output folder (default: <first input>/report)")
+    p.add_argument("--baseline", help="baseline cell: its label as printed in the table, or key=value items "
+                                      "that select one cell (default: the cell without overrides, else the "
+                                      "first cell)")
+    p.add_argument("--within", type=float, default=20.0,
+                   help="G3.6 rule: a cell PASSes when its mean final val/loss <= baseline * "
+                        "(1 + WITHIN/100) (default 20)")
+    p.add_argument("--seed-key", action="append", default=None, metavar="KEY",
+                   help="override key(s) that only change the seed; runs differing only in these share a "
+                        "cell (repeat or comma-separate; default: seed)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead of folders")
+    p.add_argument("--group", help="with --wandb: the W&B group to compare")
+    return p
+
+
+def _num(x: float) -> str:
+    """Full precision for CSV; empty for nan."""
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))
+
+
+def _pm(mean: float, std: float, fmt: str = ".4f") -> str:
+    if not math.isfinite(mean):
+        return str(mean)
+    if not math.isfinite(std):
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ± {format(std, fmt)}"
+
+
+def _params(n: float, varies: bool) -> str:
+    if not math.isfinite(n):
+        return "—"
+    text = f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+    return text + " (varies)" if varies else text
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _metric_col(key: str) -> str:
+    return key.replace("/", "_")
+
+
+def _seed_of(run: Run, seed_keys: tuple[str, ...]) -> str:
+    for k in seed_keys:
+        if run.overrides and k in run.overrides:
+            return run.overrides[k]
+        if run.config and k in run.config:
+            return str(run.config[k])
+    return ""
+
+
+def _first_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _cell_row(cell: Cell, axes: list[str]) -> dict[str, str]:
+    row = {"cell": cell.label}
+    row.update({a: cell.params.get(a, "") for a in axes})
+    row.update({"n_runs": str(len(cell.runs)), "n_completed": str(len(cell.completed)),
+                "n_failed": str(cell.n_failed), "n_interrupted": str(cell.n_interrupted)})
+    for key, value in cell.stats.items():
+        if key == "num_params_varies":
+            continue
+        integral = key in ("gates_pass", "gates_fail") or (key == "num_params" and float(value).is_integer())
+        row[_metric_col(key)] = str(int(value)) if integral else _num(value)
+    row.update({"ratio_to_baseline": _num(cell.ratio), "baseline_verdict": cell.verdict,
+                "status": cell.status, "errors": " | ".join(cell.errors)})
+    return row
+
+
+def write_cells_csv(cells: list[Cell], axes: list[str], path: Path) -> None:
+    rows = [_cell_row(c, axes) for c in cells]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_runs_csv(cells: list[Cell], axes: list[str], seed_keys: tuple[str, ...], path: Path) -> None:
+    fields = ["run", "cell", *axes, "seed", "status", "error", "step"]
+    for metric in LOSS_METRICS:
+        fields += [f"final_{_metric_col(metric)}", f"best_{_metric_col(metric)}"]
+    fields += ["tokens_per_s", "num_params", "wall_s", "run_id", "gate", "gate_verdict", "path"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for cell in cells:
+            for r in cell.runs:
+                row = {"run": r.name, "cell": cell.label, "seed": _seed_of(r, seed_keys), "status": r.status,
+                       "error": _first_line(r.error) if r.failed else "", "step": r.summary.get("step", ""),
+                       "tokens_per_s": _num(r.mean_logged("perf/tokens_per_s", "tokens_per_s")),
+                       "num_params": _num(r.num_params()), "wall_s": r.summary.get("wall_s", ""),
+                       "run_id": r.summary.get("run_id", ""), "gate": r.gate or "",
+                       "gate_verdict": r.gate_verdict or "", "path": r.path}
+                row.update({a: cell.params.get(a, "") for a in axes})
+                for metric in LOSS_METRICS:
+                    row[f"final_{_metric_col(metric)}"] = _num(r.final(metric))
+                    row[f"best_{_metric_col(metric)}"] = _num(r.best(metric))
+                writer.writerow(row)
+
+
+def render_markdown(cells: list[Cell], common: dict[str, str], baseline: Cell, within: float, command: str,
+                    sources: list[str], plots: list[Path]) -> str:
+    n_runs = sum(len(c.runs) for c in cells)
+    n_failed = sum(c.n_failed for c in cells)
+    limit = 1.0 + within / 100.0
+    lines = [
+        "# GroundThink comparison", "",
+        f"Command: `{command}`", "",
+        "Inputs: " + ", ".join(f"`{s}`" for s in sources), "",
+        f"{n_runs} runs in {len(cells)} cells; {n_failed} failed.",
+    ]
+    if common:
+        lines += ["", "Common to every run: " + ", ".join(f"`{k}={v}`" for k, v in sorted(common.items()))]
+    lines += [
+        "", f"Baseline: **{_md(baseline.label)}**. Rule (G3.6): a cell PASSes when its mean final val/loss "
+        f"is at most {limit:g} × the baseline's (within {within:g}%); lower is always better, so the rule is "
+        "one-sided. Only completed runs enter the means; failed runs are counted in their own column.",
+        "",
+        "| cell | seeds ok/all | failed | final val/loss | best val/loss | final val/bpb | best val/bpb "
+        f"| tokens/s | params | gates | vs baseline | G3.6 (≤ {limit:g}×) | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        s = c.stats
+        gates = (f"{s['gates_pass']:.0f} PASS / {s['gates_fail']:.0f} FAIL"
+                 if s["gates_pass"] + s["gates_fail"] else "—")
+        status = c.status if not c.errors else f"{c.status}: {'; '.join(c.errors)}"
+
+        def stat(name: str, fmt: str = ".4f", c: Cell = c) -> str:
+            return _pm(c.stats[f"{name}_mean"], c.stats[f"{name}_std"], fmt) if c.completed else "—"
+
+        lines.append("| " + " | ".join(_md(x) for x in (
+            c.label, f"{len(c.completed)}/{len(c.runs)}", c.n_failed,
+            stat("final_val/loss"), stat("best_val/loss"), stat("final_val/bpb"), stat("best_val/bpb"),
+            stat("tokens_per_s", ",.0f"),
+            _params(s["num_params"], bool(s["num_params_varies"])), gates,
+            f"{c.ratio:.3f}" if math.isfinite(c.ratio) else "—", c.verdict, status)) + " |")
+    failed = [(c, r) for c in cells for r in c.runs if r.failed]
+    if failed:
+        lines += ["", "## Failed runs", "", "| run | cell | status | error (first line) |",
+                  "|---|---|---|---|"]
+        for c, r in failed:
+            lines.append(f"| {_md(r.name)} | {_md(c.label)} | {_md(r.status)} | "
+                         f"{_md(_first_line(r.error) or 'no error message recorded')} |")
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in plots]
+    lines += [
+        "", "## Definitions", "",
+        "- final = the last logged value in metrics.csv (nan if the run ended on nan); best = the smallest "
+        "finite logged value; both fall back to summary.json when metrics.csv has no such column.",
+        "- mean ± std over the completed seeds of a cell; std is the sample standard deviation (ddof=1), "
+        "shown without ± for a single seed.",
+        "- tokens/s = mean of the logged perf/tokens_per_s values of each run (summary tokens_per_s when not "
+        "logged), then mean ± std over seeds.",
+        "- vs baseline = cell mean final val/loss / baseline mean final val/loss.",
+        "- cells.csv and runs.csv hold the same numbers at full precision.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(runs: list[Run], out: Path, *, baseline_spec: str | None, within: float,
+                 seed_keys: tuple[str, ...], command: str, sources: list[str], plots: bool = True) -> Path:
+    cells, common = group_cells(runs, seed_keys)
+    baseline = find_baseline(cells, baseline_spec)
+    apply_baseline(cells, baseline, within)
+    axes = varying_axes(cells)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CompareError(f"--out {out}: cannot create the report folder ({exc})") from None
+    for stale in [*out.glob("axis_*.png"), out / "val_loss.png"]:
+        stale.unlink(missing_ok=True)
+    written: list[Path] = []
+    if plots:
+        from groundthink.reporting.plots import axis_filename, plot_axis, plot_val_loss
+
+        p = plot_val_loss(cells, out / "val_loss.png")
+        written += [p] if p else []
+        for key in axes:
+            p = plot_axis(cells, key, axes, out / axis_filename(key))
+            written += [p] if p else []
+    write_cells_csv(cells, axes, out / "cells.csv")
+    write_runs_csv(cells, axes, seed_keys, out / "runs.csv")
+    report = out / "report.md"
+    report.write_text(render_markdown(cells, common, baseline, within, command, sources, written),
+                      encoding="utf-8")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(args_list)
+    seed_keys = tuple(k.strip() for item in (args.seed_key or ["seed"]) for k in item.split(",") if k.strip())
+    command = " ".join([PROG, *(shlex.quote(a) for a in args_list)])
+    try:
+        if args.wandb:
+            from groundthink.reporting.wandb_runs import load_wandb_runs
+
+            runs = load_wandb_runs(args.wandb, args.group)
+            sources = [f"wandb:{args.wandb} group={args.group}"]
+            out = Path(args.out or f"report-{args.group}")
+        else:
+            if not args.paths:
+                raise CompareError("give at least one run folder or sweep folder (or --wandb ENTITY/PROJECT "
+                                   "--group G)")
+            runs = load_runs(args.paths)
+            sources = list(args.paths)
+            out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
+        report = write_report(runs, out, baseline_spec=args.baseline, within=args.within, seed_keys=seed_keys,
+                              command=command, sources=sources, plots=not args.no_plots)
+    except CompareError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    print(report.read_text(encoding="utf-8").split("\n## Failed runs")[0].split("\n## Plots")[0].rstrip())
+    print(f"\nreport: {report}  (cells.csv, runs.csv and plots in {report.parent})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

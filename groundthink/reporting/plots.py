@@ -1,0 +1,112 @@
+"""PNG plots of a comparison (matplotlib, Agg backend, imported only when plotting).
+
+- `val_loss.png`: validation loss vs step, one colour per cell: the mean over the cell's completed seeds at
+  the steps every seed logged, with a band of ± one std (a single seed: its line); failed runs as thin
+  dotted lines.
+- `axis_<key>.png`: mean final validation loss along one swept axis (x = the axis values, numeric axes on a
+  numeric scale), one line per combination of the other axes, error bars = std over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from groundthink.reporting.cells import Cell, parse_value, sort_value
+
+VAL_LOSS = "val/loss"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def axis_filename(key: str) -> str:
+    return "axis_" + re.sub(r"[^A-Za-z0-9_.=-]+", "-", key) + ".png"
+
+
+def plot_val_loss(cells: list[Cell], path: Path, metric: str = VAL_LOSS) -> Path | None:
+    """None when no run logged `metric`."""
+    if not any(r.series.get(metric) for c in cells for r in c.runs):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, cell in enumerate(cells):
+        color = colors[i % len(colors)]
+        curves = [dict(r.series[metric]) for r in cell.completed if r.series.get(metric)]
+        if curves:
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            if steps:
+                values = np.array([[c[s] for s in steps] for c in curves], dtype=np.float64)
+                mean = values.mean(axis=0)
+                ax.plot(steps, mean, color=color, label=f"{cell.label} (n={len(curves)})")
+                if len(curves) > 1:
+                    std = values.std(axis=0, ddof=1)
+                    ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        for r in cell.runs:
+            if r.failed and r.series.get(metric):
+                s, v = zip(*r.series[metric])
+                ax.plot(s, v, color=color, linestyle=":", linewidth=1,
+                        label=f"failed: {Path(r.name).name}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs step (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_axis(cells: list[Cell], key: str, axes: list[str], path: Path) -> Path | None:
+    """None when no cell along this axis has a finite mean final val/loss."""
+    others = [a for a in axes if a != key]
+    x_texts = sorted({c.params.get(key) for c in cells}, key=sort_value)
+    numeric = all(isinstance(parse_value(t), (int, float)) and not isinstance(parse_value(t), bool)
+                  for t in x_texts if t is not None) and None not in x_texts
+
+    def x_of(text: str | None) -> float:
+        return float(parse_value(text)) if numeric else float(x_texts.index(text))
+
+    lines: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        lines.setdefault(tuple(c.params.get(a) for a in others), []).append(c)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for combo in sorted(lines, key=lambda t: [sort_value(v) for v in t]):
+        points = sorted(lines[combo], key=lambda c: sort_value(c.params.get(key)))
+        xs, ys, es = [], [], []
+        for c in points:
+            mean, std = c.stats["final_val/loss_mean"], c.stats["final_val/loss_std"]
+            if math.isfinite(mean):
+                xs.append(x_of(c.params.get(key)))
+                ys.append(mean)
+                es.append(std if math.isfinite(std) else 0.0)
+        if not xs:
+            continue
+        label = ",".join(f"{a}={v}" for a, v in zip(others, combo) if v is not None) or "all"
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4, label=label)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    if not numeric:
+        ax.set_xticks(range(len(x_texts)), [t if t is not None else "(default)" for t in x_texts])
+    ax.set_xlabel(key)
+    ax.set_ylabel("final val/loss (mean ± std over seeds)")
+    ax.set_title(f"final val/loss along {key}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,256 @@
+"""Finding and reading run folders (the layout written by `groundthink-train`, see the README).
+
+A run folder holds config.yaml, summary.json, metrics.csv (wide: `step`, then one column per metric, empty
+where not logged), optionally gates.json, and under Hydra a `.hydra/overrides.yaml`. A folder with `.hydra/`
+but no summary.json is a job that died before it could write one; it is reported as failed, like a run whose
+summary says `"status": "failed"`.
+
+Only the standard library and yaml are used here, so the CLI starts fast (no torch, no Lightning).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RUN_MARKERS = ("config.yaml", "summary.json", "metrics.csv")
+RUN_DIR_HELP = (
+    "a run folder contains config.yaml, summary.json and metrics.csv (a Hydra job folder also has "
+    ".hydra/overrides.yaml); a sweep folder contains such run folders, e.g. <sweep>/0_model.alpha=0.5/"
+)
+
+
+class CompareError(RuntimeError):
+    """A user-facing problem with the inputs of a comparison; the message says what and where."""
+
+
+@dataclass
+class Run:
+    """One training run as read from its folder (or from W&B)."""
+
+    path: str
+    name: str
+    status: str
+    error: str | None = None
+    overrides: dict[str, str] | None = None
+    config: dict[str, Any] | None = None
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    gate: str | None = None
+    gate_verdict: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status not in ("completed", "interrupted", "running")
+
+    def final(self, metric: str) -> float:
+        """The last logged value (nan included: a diverged run reports nan); else summary's `final`."""
+        s = self.series.get(metric)
+        if s:
+            return s[-1][1]
+        return _as_float(self.summary.get("final", {}).get(metric))
+
+    def best(self, metric: str) -> float:
+        """The smallest finite logged value; summary's `best` if no series."""
+        s = self.series.get(metric)
+        if s:
+            finite = [v for _, v in s if math.isfinite(v)]
+            return min(finite) if finite else math.nan
+        return _as_float(self.summary.get("best", {}).get(metric))
+
+    def mean_logged(self, metric: str, summary_key: str) -> float:
+        """Mean of the logged values of `metric`, else the summary's `summary_key`."""
+        finite = [v for _, v in self.series.get(metric, []) if math.isfinite(v)]
+        if finite:
+            return sum(finite) / len(finite)
+        return _as_float(self.summary.get(summary_key))
+
+    def num_params(self) -> float:
+        return _as_float(self.summary.get("num_params"))
+
+
+def _as_float(value: Any) -> float:
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((path / m).is_file() for m in RUN_MARKERS) or (path / ".hydra").is_dir()
+
+
+def discover_runs(root: str | os.PathLike) -> list[Path]:
+    """Run folders at or under `root`; hidden folders and a run folder's own subfolders are not searched."""
+    root = Path(root)
+    if not root.exists():
+        raise CompareError(f"{root}: no such file or folder. Pass a run folder or a sweep folder "
+                           f"({RUN_DIR_HELP}).")
+    if not root.is_dir():
+        raise CompareError(f"{root} is a file; pass the folder that contains it ({RUN_DIR_HELP}).")
+    if is_run_dir(root):
+        return [root]
+    found: list[Path] = []
+    for dirpath, dirnames, _ in os.walk(root):
+        here = Path(dirpath)
+        if here != root and is_run_dir(here):
+            found.append(here)
+            dirnames.clear()
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    if not found:
+        raise CompareError(f"no runs found under {root}: {RUN_DIR_HELP}.")
+    return sorted(found, key=_natural_key)
+
+
+def _natural_key(path: Path) -> list[Any]:
+    parts: list[Any] = []
+    for part in path.parts:
+        head = part.split("_", 1)[0]
+        parts.append((0, int(head), part) if head.isdigit() else (1, 0, part))
+    return parts
+
+
+def read_metrics_csv(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...]} in file order, empty cells skipped, 'nan' kept as nan.
+
+    A row shorter than the header (a file cut off mid-write) is read as far as it goes. Anything else that is
+    not a number raises CompareError naming the file, the line and the column.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CompareError(f"cannot read {path}: {exc}") from None
+    if not rows or not rows[0] or rows[0][0] != "step":
+        got = repr(rows[0][:1]) if rows and rows[0] else "an empty file"
+        raise CompareError(f"{path} is not a GroundThink metrics file: its first column must be 'step', "
+                           f"got {got}")
+    columns = rows[0][1:]
+    series: dict[str, list[tuple[int, float]]] = {c: [] for c in columns}
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        try:
+            step = int(float(row[0]))
+        except ValueError:
+            raise CompareError(f"{path}, line {line_no}: step {row[0]!r} is not a number") from None
+        for column, text in zip(columns, row[1:]):
+            if text == "":
+                continue
+            try:
+                series[column].append((step, float(text)))
+            except ValueError:
+                raise CompareError(
+                    f"{path}, line {line_no}, column {column!r}: {text!r} is not a number") from None
+    return series
+
+
+def read_overrides(path: Path) -> dict[str, str] | None:
+    """`.hydra/overrides.yaml` as {key: value string}; `+`/`++`/`~` prefixes are dropped from the key."""
+    file = path / ".hydra" / "overrides.yaml"
+    if not file.is_file():
+        return None
+    try:
+        items = yaml.safe_load(file.read_text(encoding="utf-8")) or []
+    except (OSError, yaml.YAMLError) as exc:
+        raise CompareError(f"cannot read {file}: {exc}") from None
+    if not isinstance(items, list):
+        raise CompareError(f"{file}: expected a YAML list of 'key=value' strings, got {type(items).__name__}")
+    return parse_override_list(items)
+
+
+def parse_override_list(items: list[Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        text = str(item)
+        key, sep, value = text.partition("=")
+        key = key.lstrip("+~").strip()
+        if key:
+            out[key] = value.strip() if sep else ""
+    return out
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to {"a.b.c": leaf}; lists are leaves (compared as a whole)."""
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{full}."))
+        else:
+            out[full] = value
+    return out
+
+
+def load_run(path: Path, root: Path) -> Run:
+    """Read one run folder. Missing pieces and an unreadable metrics.csv make the run failed (with a warning)
+    instead of stopping the whole report; an unreadable config.yaml or gates.json raises CompareError."""
+    try:
+        name = str(path.relative_to(root)) if path != root else path.name
+    except ValueError:
+        name = path.name
+    summary: dict[str, Any] = {}
+    summary_file = path / "summary.json"
+    status, error = "failed", None
+    if summary_file.is_file():
+        try:
+            summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            error = f"summary.json unreadable: {exc}"
+        else:
+            status = str(summary.get("status") or "failed")
+            error = summary.get("error")
+    else:
+        error = "no summary.json: the job died before finishing (see its train.log / Hydra log)"
+    config = None
+    config_file = path / "config.yaml"
+    if config_file.is_file():
+        try:
+            config = flatten(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
+        except (OSError, yaml.YAMLError) as exc:
+            raise CompareError(f"cannot read {config_file}: {exc}") from None
+    metrics_file = path / "metrics.csv"
+    series: dict[str, list[tuple[int, float]]] = {}
+    if metrics_file.is_file():
+        try:
+            series = read_metrics_csv(metrics_file)
+        except CompareError as exc:
+            print(f"warning: {exc}; this run is reported as failed", file=sys.stderr)
+            status, error = "failed", f"metrics.csv unreadable: {exc}"
+    gate = gate_verdict = None
+    gates_file = path / "gates.json"
+    if gates_file.is_file():
+        try:
+            gates = json.loads(gates_file.read_text(encoding="utf-8"))
+            gate, gate_verdict = gates.get("gate"), str(gates.get("verdict", "")).upper() or None
+        except (OSError, json.JSONDecodeError, AttributeError) as exc:
+            raise CompareError(f"cannot read {gates_file}: {exc}") from None
+    return Run(path=str(path), name=name, status=status, error=error, overrides=read_overrides(path),
+               config=config, series=series, summary=summary, gate=gate, gate_verdict=gate_verdict)
+
+
+def load_runs(paths: list[str | os.PathLike]) -> list[Run]:
+    runs: list[Run] = []
+    seen: set[str] = set()
+    for p in paths:
+        root = Path(p)
+        for run_dir in discover_runs(root):
+            key = str(run_dir.resolve())
+            if key not in seen:
+                seen.add(key)
+                runs.append(load_run(run_dir, root))
+    return runs
