@@ -26,6 +26,17 @@ PRESETS: dict[str, dict] = {
         "attn_window": 64,
         "max_seq_len": 512,
     },
+    # The default run (`groundthink-train` with no overrides): trains on 2 CPU cores in a few minutes.
+    "small": {
+        "d_model": 128,
+        "n_layers": 4,
+        "n_heads": 2,
+        "d_state": 32,
+        "mamba_head_dim": 32,
+        "attn_heads": 2,
+        "attn_window": 256,
+        "max_seq_len": 2048,
+    },
     "5m_deep": {"d_model": 256, "n_layers": 6, "n_heads": 4},
     "8m_wide": {"d_model": 384, "n_layers": 4, "n_heads": 6},
     "8m": {"d_model": 256, "n_layers": 12, "n_heads": 4},

@@ -168,7 +168,7 @@ def make_wandb_logger(
         save_code=False,
         console="off",
     )
-    return WandbLogger(
+    logger = WandbLogger(
         name=name,
         save_dir=str(run_dir),
         id=run_id,
@@ -183,6 +183,9 @@ def make_wandb_logger(
         settings=settings,
         log_model=False,
     )
+    # Lightning always forwards `anonymous=None`, which current wandb answers with a deprecation warning.
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return logger
 
 
 def finish_wandb(status_ok: bool) -> None:

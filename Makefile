@@ -1,0 +1,38 @@
+# GroundThink: the README's commands and CI call these targets.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch (a local wheel on the build machines). On a CUDA machine: make setup TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup train test test-fast test-all bench lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+## The default experiment: a small hybrid on the embedded corpus (a few minutes on 2 CPU cores).
+train: setup
+	$(BIN)/groundthink-train $(ARGS)
+
+## The test suite. pytest's exit code 5 (no tests collected) counts as a failure.
+test: setup
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+
+test-fast: setup
+	$(MAKE) test PYTEST_ARGS="-m 'not slow' $(PYTEST_ARGS)"
+
+bench: setup
+	$(BIN)/python -m benchmarks.run $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check groundthink tests benchmarks sweeps
