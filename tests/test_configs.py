@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from groundthink.models import HybridLM, ModelConfig
-from groundthink.models.presets import PRESETS
+from groundthink.models.presets import PRESETS, count_params
 from groundthink.train import register_resolvers
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,12 +55,30 @@ def test_every_option_composes_and_resolves(group, option):
     assert model.num_params() > 0
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem != "base"))
+MIX_CELLS = sorted(p.stem for p in (CONF / "model").glob("mix_*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem != "base" and p.stem not in MIX_CELLS)
+)
 def test_model_yaml_matches_python_preset(name):
     cfg = compose_with([f"model={name}"])
     fields = OmegaConf.to_container(cfg.model, resolve=True)
     assert name in PRESETS, f"conf/model/{name}.yaml has no preset in groundthink.models.presets.PRESETS"
     assert ModelConfig(**fields) == ModelConfig(**PRESETS[name])
+
+
+def test_param_matched_mix_cells_are_within_5_percent_of_the_base():
+    """The generated mix cells (sweeps/param_matched.py) change the RWKV : Mamba : attention mix at a fixed budget."""
+    assert len(MIX_CELLS) >= 6, MIX_CELLS
+    base = count_params(ModelConfig(**PRESETS["8m"]))
+    patterns = set()
+    for name in MIX_CELLS:
+        cfg = ModelConfig(**OmegaConf.to_container(compose_with([f"model={name}"]).model, resolve=True))
+        n = count_params(cfg)
+        assert abs(n / base - 1) <= 0.05, f"{name}: {n:,} parameters vs 8m's {base:,} ({100 * (n / base - 1):+.2f}%)"
+        patterns.add((cfg.pattern, tuple(cfg.attn_layers or ())))
+    assert len(patterns) == len(MIX_CELLS), "two mix cells describe the same architecture"
 
 
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in SWEEPS.glob("*.yaml")))
@@ -72,7 +90,10 @@ def test_every_sweep_composes_through_the_cli(sweep):
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = OmegaConf.create(proc.stdout)
     params = cfg.hydra.sweeper.params
-    assert params and "seed" in params, f"sweeps/{sweep}.yaml must sweep seeds"
+    assert params, f"sweeps/{sweep}.yaml sweeps nothing"
+    if "optuna" not in str(cfg.hydra.sweeper.get("_target_", "")):
+        # grids sweep seeds as an axis; an Optuna study searches hyper-parameters at one seed instead
+        assert "seed" in params, f"sweeps/{sweep}.yaml must sweep seeds"
     for key in params:
         if key != "seed" and not key.startswith("+"):
             assert OmegaConf.select(cfg, key, default="__missing__") != "__missing__", f"{key} is not a config key"

@@ -101,10 +101,11 @@ class SafetensorsCheckpointIO(CheckpointIO):
         meta = dict(self.sidecar_extra)
         meta.update(checkpoint.get("groundthink", {}))
         meta["lightning"] = skeleton
-        save_checkpoint(path.parent, path.name.removesuffix(".safetensors"), tensors, meta)
+        save_checkpoint(path.parent, _stem(path), tensors, meta)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        tensors, meta = load_checkpoint(Path(path))
+        path = Path(path)
+        tensors, meta = load_checkpoint(path.with_name(_stem(path)))
         if "lightning" not in meta:
             raise CheckpointError(
                 f"{path} is a GroundThink weights file without training state (no 'lightning' section in its "
@@ -113,4 +114,13 @@ class SafetensorsCheckpointIO(CheckpointIO):
         return unflatten_nested(tensors, meta["lightning"])
 
     def remove_checkpoint(self, path) -> None:
-        remove_checkpoint(Path(path))
+        path = Path(path)
+        remove_checkpoint(path.with_name(_stem(path)))
+
+
+def _stem(path: Path) -> str:
+    """The checkpoint name for a path Lightning chose. Ours are plain stems ('last', 'step_0000100'); Lightning's
+    `ddp_spawn` launcher hands its weights back to the main process through '.temp.ckpt' in a temporary folder,
+    which is stored here as 'temp_ckpt' (same folder) so that save, load and remove agree."""
+    name = path.name.removesuffix(".safetensors").removesuffix(".json")
+    return name.lstrip(".").replace(".", "_") or "checkpoint"
