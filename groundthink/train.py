@@ -142,6 +142,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if cfg.resume:
         cfg = _resume_config(cfg, run_dir)
+    if cfg.get("gate") is not None:
+        from groundthink.gates.runner import check_gate_config
+
+        diagnostics_cfg = cfg.get("diagnostics")
+        try:  # a bad gate block fails now, not after the training it would judge
+            check_gate_config(
+                OmegaConf.to_container(cfg.gate, resolve=True),
+                None if diagnostics_cfg is None else OmegaConf.to_container(diagnostics_cfg, resolve=True),
+            )
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
 
     import lightning as L
     import torch
@@ -335,14 +346,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             finish_wandb(status_ok=status == "completed")
 
     wall = time.time() - t_fit
+    step, tokens_per_s = trainer.global_step, throughput.tokens_per_s
+    if _ran_in_spawned_workers(trainer):
+        step, tokens_per_s = _rank_zero_results(run_dir, ckpt_dir)
     summary = _write_summary(
         run_dir,
         status=status,
         error=error,
-        step=trainer.global_step,
+        step=step,
         metrics_csv=run_dir / "metrics.csv",
         num_params=num_params,
-        tokens_per_s=throughput.tokens_per_s,
+        tokens_per_s=tokens_per_s,
         wall_s=wall,
         run_id=run_id,
         wandb_run_id=wandb_run_id if mode != "disabled" else None,
@@ -354,7 +368,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from groundthink.gates.runner import finish_gate_run
 
         gate_exit = finish_gate_run(
-            OmegaConf.to_container(cfg.gate, resolve=True), run_dir, summary=summary, model=model, tokenizer=tokenizer
+            OmegaConf.to_container(cfg.gate, resolve=True),
+            run_dir,
+            summary=summary,
+            model=model,
+            tokenizer=tokenizer,
+            val_texts=val_texts,
         )
     if exit_exc is not None:
         if multirun:
@@ -396,6 +415,26 @@ def _wandb_group(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> str:
         sweep_dir = Path(str(hydra_cfg.sweep.dir))
         return f"{cfg.name}-{sweep_dir.name}"
     return str(cfg.name)
+
+
+def _ran_in_spawned_workers(trainer: Any) -> bool:
+    """True for `ddp_spawn`: the loop ran in child processes, and this process got back only the weights."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    return isinstance(launcher, _MultiProcessingLauncher) and trainer.world_size > 1
+
+
+def _rank_zero_results(run_dir: Path, ckpt_dir: Path) -> tuple[int, float | None]:
+    """The step and mean tokens/s that rank 0 recorded (its last checkpoint's sidecar and metrics.csv)."""
+    from groundthink.training.metrics_logger import read_metrics_csv
+
+    sidecar = ckpt_dir / "last.json"
+    step = int(json.loads(sidecar.read_text()).get("step", 0)) if sidecar.exists() else 0
+    series = read_metrics_csv(run_dir / "metrics.csv").get("perf/tokens_per_s", []) if (
+        run_dir / "metrics.csv").exists() else []
+    values = [v for _, v in series if v is not None and not math.isnan(v)]
+    return step, (sum(values) / len(values) if values else None)
 
 
 def _write_summary(run_dir: Path, *, metrics_csv: Path, **fields: Any) -> dict[str, Any]:

@@ -149,27 +149,7 @@ class LMTrainingModule(L.LightningModule):
         )
 
     def _first_non_finite_module(self, batch: dict[str, Any], state: LMState) -> str:
-        found: list[str] = []
-        names = {m: n for n, m in self.model.named_modules() if n}
-
-        def hook(module, _inputs, output):
-            if found:
-                return
-            tensors = output if isinstance(output, (tuple, list)) else (output,)
-            for t in tensors:
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-                    found.append(names[module])
-                    return
-
-        handles = [m.register_forward_hook(hook) for m in names]
-        try:
-            self.model(batch["input_ids"], state)
-        finally:
-            for h in handles:
-                h.remove()
-        if not found:
-            return "every activation is finite, so the loss itself overflowed"
-        return f"the first non-finite activation is the output of '{found[0]}' ({self.model.component_of(found[0])})"
+        return first_non_finite_module(self.model, batch["input_ids"], state)
 
     # ----- validation -----------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -237,3 +217,29 @@ class LMTrainingModule(L.LightningModule):
         if position is not None and self.trainer is not None and self.trainer.datamodule is not None:
             self.trainer.datamodule.restore_position(position)
         self.trained_position = position
+
+
+@torch.no_grad()
+def first_non_finite_module(model: HybridLM, tokens: torch.Tensor, state: LMState | None) -> str:
+    """Re-run a forward with hooks and say which module first output NaN/Inf, and its component (for messages)."""
+    found: list[str] = []
+    names = {m: n for n, m in model.named_modules() if n}
+
+    def hook(module, _inputs, output):
+        if found:
+            return
+        tensors = output if isinstance(output, (tuple, list)) else (output,)
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                found.append(names[module])
+                return
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        model(tokens, state)
+    finally:
+        for h in handles:
+            h.remove()
+    if not found:
+        return "every activation is finite, so the loss itself overflowed"
+    return f"the first non-finite activation is the output of '{found[0]}' ({model.component_of(found[0])})"

@@ -1,0 +1,178 @@
+"""Gates G0-G2: checks of a tokenizer and of a model at initialisation; no training needed.
+
+- G0: every control token encodes as exactly its own single id, alone and inside text ("Hello <tok>world",
+  which must also decode back unchanged): the rule of groundthink.data.tokenizer.check_control_tokens.
+- G1: a forward pass of a [B,T] batch of random ids (T odd, so no chunk size divides it) gives logits [B,T,V]
+  and a state with exactly the shapes of `init_state`; logits and state are finite; the cross-entropy gradient
+  of every parameter is finite; and continuing from the carried state (first half, then the second half with the
+  returned state) reproduces the one-pass logits within `rel_tol` (max |diff| / max |logits|).
+- G2: the spectral entropy (state_metrics.spectral_entropy: entropy in nats of the normalised singular values of
+  each head's state matrix, i.e. the log of its effective rank) of every recurrent layer's state after one
+  forward of a sample batch of real text from the initial state, averaged over lanes and heads; the gate value
+  is the mean over recurrent layers. Required: the model has a recurrent layer and every such state is finite
+  and non-zero. The band [2.0, 5.0] is a warning (SPEC §4) unless removed from `warning_criteria`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from groundthink.data.tokenizer import CONTROL_TOKENS
+from groundthink.evaluation.state_metrics import recurrent_states, singular_values, spectral_entropy
+from groundthink.gates.report import Criterion, measured
+
+
+# ----- G0 --------------------------------------------------------------------------------------------------------
+def control_token_criteria(tokenizer) -> list[Criterion]:
+    criteria = []
+    for token in CONTROL_TOKENS:
+        tid = tokenizer.control_ids.get(token)
+        alone = tokenizer.encode(token)
+        criteria.append(Criterion(
+            f"control_token/{token}/alone", len(alone), 1, "==", tid is not None and alone == [tid],
+            f"encode({token!r}) = {alone}, its id is {tid}",
+        ))
+        text = f"Hello {token}world"
+        ids = tokenizer.encode(text)
+        count = ids.count(tid) if tid is not None else 0
+        round_trip = tokenizer.decode(ids) == text
+        criteria.append(Criterion(
+            f"control_token/{token}/in_text", count, 1, "==", count == 1 and round_trip,
+            f"encode({text!r}) = {ids[:24]}{' ...' if len(ids) > 24 else ''} holds id {tid} {count}x; "
+            f"decodes back {'unchanged' if round_trip else 'differently'}",
+        ))
+    return criteria
+
+
+# ----- G1 --------------------------------------------------------------------------------------------------------
+def _state_shapes(state) -> dict[str, tuple[int, ...]]:
+    return {
+        f"L{i}/{branch}/{key}": tuple(t.shape)
+        for i, branches in enumerate(state.layers)
+        for branch, tensors in branches.items()
+        for key, t in tensors.items()
+    }
+
+
+def forward_criteria(
+    model: torch.nn.Module, *, batch_size: int, seq_len: int, rel_tol: float, label: str = "", seed: int = 0
+) -> list[Criterion]:
+    """G1 on one model (see the module docstring). Leaves no gradient behind."""
+    from groundthink.training.module import first_non_finite_module
+
+    prefix = f"{label}/" if label else ""
+    device = next(model.parameters()).device
+    vocab = model.cfg.vocab_size
+    tokens = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    tokens = tokens.to(device)
+    where = f"random ids [{batch_size},{seq_len}], vocab {vocab}"
+    try:
+        logits, state = model(tokens)
+    except Exception as exc:  # noqa: BLE001 - the failure is the gate's evidence
+        return [Criterion(f"{prefix}forward_runs", f"{type(exc).__name__}: {exc}", "no exception", "==", False, where)]
+    criteria = [Criterion(f"{prefix}forward_runs", "ok", "no exception", "==", True, where)]
+
+    expected, got = _state_shapes(model.init_state(batch_size, device)), _state_shapes(state)
+    wrong = [k for k in sorted(set(expected) | set(got)) if expected.get(k) != got.get(k)]
+    shapes_ok = tuple(logits.shape) == (batch_size, seq_len, vocab) and not wrong
+    criteria.append(Criterion(
+        f"{prefix}shapes", list(logits.shape), [batch_size, seq_len, vocab], "==", shapes_ok,
+        f"logits {tuple(logits.shape)}; {len(got)} state tensors"
+        + (f"; state shapes differ from init_state at {wrong[:4]}" if wrong else ", all as init_state"),
+    ))
+
+    finite = bool(torch.isfinite(logits).all()) and all(bool(torch.isfinite(t).all()) for t in state.tensors())
+    evidence = "logits and every state tensor finite"
+    if not finite:
+        evidence = first_non_finite_module(model, tokens, None)
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            evidence += f"; non-finite parameter '{bad[0]}' ({model.component_of(bad[0])})"
+    criteria.append(Criterion(f"{prefix}finite_outputs", finite, True, "==", finite, evidence))
+
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    bad_grads = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    n_grads = sum(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    criteria.append(Criterion(
+        f"{prefix}finite_gradients", len(bad_grads), 0, "==", not bad_grads,
+        f"{n_grads} parameters got a gradient"
+        + (f"; first non-finite: '{bad_grads[0]}' ({model.component_of(bad_grads[0])})" if bad_grads else ""),
+    ))
+
+    with torch.no_grad():
+        full = logits.detach()
+        half = seq_len // 2
+        first, carried = model(tokens[:, :half])
+        second, _ = model(tokens[:, half:], carried)
+        diff = float((torch.cat([first, second], 1) - full).abs().max())
+        scale = float(full.abs().max())
+    rel = diff / scale if scale > 0 else diff
+    criteria.append(measured(
+        f"{prefix}carried_state_continues", rel, "<=", rel_tol,
+        f"logits of [:{half}] then [{half}:] from the carried state vs one pass: max |diff| {diff:.3g}, "
+        f"max |logit| {scale:.3g}",
+    ))
+    return criteria
+
+
+# ----- G2 --------------------------------------------------------------------------------------------------------
+def sample_tokens(tokenizer, texts: Sequence[str], batch_size: int, seq_len: int) -> torch.Tensor:
+    """[batch_size, seq_len] ids: consecutive pieces of the texts encoded and concatenated (each ending with
+    end-of-text), one piece per lane."""
+    need = batch_size * seq_len
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer.encode(text))
+        ids.append(tokenizer.eos_id)
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise ValueError(f"the sample texts give {len(ids)} tokens; the G2 sample needs {need} "
+                         f"(gate.sample.batch_size x gate.sample.seq_len)")
+    return torch.tensor(ids[:need], dtype=torch.long).view(batch_size, seq_len)
+
+
+def default_sample_texts() -> list[str]:
+    """Real English text with no download: the language reference topics of the embedded corpus."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics) if topics[name].strip()]
+
+
+@torch.no_grad()
+def state_entropy_criteria(model: torch.nn.Module, tokens: torch.Tensor, band: Sequence[float],
+                           *, label: str = "", where: str = "") -> list[Criterion]:
+    """G2 on one model from its initial state (see the module docstring)."""
+    prefix = f"{label}/" if label else ""
+    device = next(model.parameters()).device
+    _, state = model(tokens.to(device))
+    layers = list(recurrent_states(state))
+    criteria = [Criterion(
+        f"{prefix}recurrent_state_present", len(layers), 1, ">=", bool(layers),
+        f"{len(layers)} recurrent layer states (RWKV wkv / Mamba ssm) in a model of {len(state.layers)} layers",
+    )]
+    per_layer: dict[str, float] = {}
+    for i, branch, matrix in layers:
+        norm = float(matrix.double().norm())
+        criteria.append(measured(
+            f"{prefix}state_nonzero/L{i}/{branch}", norm, ">", 0.0,
+            f"Frobenius norm of the {branch} state {tuple(matrix.shape)} after the sample forward",
+        ))
+        if math.isfinite(norm) and norm > 0:
+            per_layer[f"L{i}/{branch}"] = float(spectral_entropy(singular_values(matrix)).nanmean())
+    low, high = (float(b) for b in band)
+    value = sum(per_layer.values()) / len(per_layer) if per_layer else None
+    listing = ", ".join(f"{k} {v:.2f}" for k, v in per_layer.items())
+    criteria.append(measured(
+        f"{prefix}state_entropy", value, "in", [low, high],
+        f"mean over {len(per_layer)} recurrent layers of the spectral entropy (nats) after {where or 'a sample'} "
+        f"from the initial state: {listing or 'no measurable layer'}",
+    ))
+    return criteria
