@@ -24,7 +24,7 @@ from groundthink.ops._checks import check_rank, check_shape, compute_dtype
 from groundthink.ops.dispatch import resolve_impl
 
 SSD_IMPLS = ("reference", "chunked", "mamba_ssm")
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 32  # CPU optimum (README.md: chunk sizes)
 
 
 def _validate(x, dt, A, B, C, initial_state):
@@ -109,9 +109,9 @@ def ssd_chunked(x, dt, A, B, C, initial_state=None, chunk_size=None):
     h = x.new_zeros(b, H, P, N) if initial_state is None else initial_state.to(dtype)
     h = h.view(b, G, R, P, N)
     starts = []
-    for n in range(nc):
+    for decay_n, contrib_n in zip(chunk_decay.unbind(1), contrib.unbind(1)):  # unbind: linear backward (wkv6.py)
         starts.append(h)
-        h = chunk_decay[:, n] * h + contrib[:, n]
+        h = decay_n * h + contrib_n
     h_start = torch.stack(starts, dim=1)  # [b,nc,G,R,P,N] state entering each chunk
 
     # 4. The state entering the chunk, read by C and decayed to each position: exp(a_cs_t) C_t h.

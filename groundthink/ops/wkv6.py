@@ -184,10 +184,12 @@ def wkv6_chunked(r, k, v, log_w, u, initial_state=None, chunk_size=None):
     contrib = k_end.transpose(-1, -2) @ v_  # [B,H,N,K,V]
     chunk_decay = torch.exp(g_last).transpose(-1, -2)  # [B,H,N,K,1]
     S = r_.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
+    # unbind, not contrib[:, :, n]: the backward of each indexing would materialise a zero tensor the size of
+    # all chunks (quadratic in T); unbind's backward is one stack.
     starts = []
-    for n in range(N):
+    for decay_n, contrib_n in zip(chunk_decay.unbind(2), contrib.unbind(2)):
         starts.append(S)
-        S = chunk_decay[:, :, n] * S + contrib[:, :, n]
+        S = decay_n * S + contrib_n
     S_start = torch.stack(starts, dim=2)  # [B,H,N,K,V] state entering each chunk
     o = (r_ * torch.exp(ge)) @ S_start  # [B,H,N,C,V]
 
