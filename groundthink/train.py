@@ -45,8 +45,13 @@ def _run_dir_resolver(root: str, name: str, resume: Any) -> str:
 
 
 def _override_slug(override_dirname: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_.=,+-]+", "-", override_dirname).strip("-")
-    return (slug or "base")[:80]
+    """A job folder name from its overrides (the job number in front keeps it unique); long ones are cut at a
+    whole override and end in '...' (the full list is in the job's .hydra/overrides.yaml)."""
+    slug = re.sub(r"[^A-Za-z0-9_.=,+-]+", "-", override_dirname).strip("-") or "base"
+    if len(slug) > 80:
+        head = slug[:77]
+        slug = (head.rsplit(",", 1)[0] if "," in head else head) + "..."
+    return slug
 
 
 def register_resolvers() -> None:

@@ -175,7 +175,10 @@ def render_markdown(cells: list[Cell], common: dict[str, str], baseline: Cell, w
         status = c.status if not c.errors else f"{c.status}: {'; '.join(c.errors)}"
 
         def stat(name: str, fmt: str = ".4f", c: Cell = c) -> str:
-            return _pm(c.stats[f"{name}_mean"], c.stats[f"{name}_std"], fmt) if c.completed else "—"
+            mean = c.stats[f"{name}_mean"]
+            if not c.completed or (name == "tokens_per_s" and math.isnan(mean)):  # not measured, not a NaN run
+                return "—"
+            return _pm(mean, c.stats[f"{name}_std"], fmt)
 
         lines.append("| " + " | ".join(_md(x) for x in (
             c.label, f"{len(c.completed)}/{len(c.runs)}", c.n_failed,
