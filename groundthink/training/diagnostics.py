@@ -78,7 +78,8 @@ class _Alerts:
         if bad and key not in self.active:
             self.active.add(key)
             self.raised.append((step, message))
-            warnings.warn(f"step {step}: {message}", DiagnosticWarning, stacklevel=2)
+            # Attributed to "groundthink diagnostics" rather than a source line, so the console shows the message only.
+            warnings.warn_explicit(f"step {step}: {message}", DiagnosticWarning, "groundthink diagnostics", 0)
         elif not bad:
             self.active.discard(key)
 
