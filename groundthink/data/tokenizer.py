@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -326,19 +327,45 @@ def build_tokenizer(
     return Tokenizer("bpe", backend)
 
 
+@dataclass(frozen=True)
+class ControlTokenProbe:
+    """How one control token encodes: alone, and inside `text` ("Hello {token}world"), which must hold its id once
+    and decode back unchanged. The rule of gate G0; `ok` is True when both hold."""
+
+    token: str
+    id: int | None
+    alone: list[int]
+    text: str
+    in_text: list[int]
+    round_trip: bool
+
+    @property
+    def alone_ok(self) -> bool:
+        return self.id is not None and self.alone == [self.id]
+
+    @property
+    def in_text_ok(self) -> bool:
+        return self.id is not None and self.in_text.count(self.id) == 1 and self.round_trip
+
+    @property
+    def ok(self) -> bool:
+        return self.alone_ok and self.in_text_ok
+
+
+def probe_control_tokens(tok: Tokenizer) -> list[ControlTokenProbe]:
+    """One probe per control token, in CONTROL_TOKENS order."""
+    probes = []
+    for token in CONTROL_TOKENS:
+        text = f"Hello {token}world"
+        ids = tok.encode(text)
+        probes.append(ControlTokenProbe(token, tok.control_ids.get(token), tok.encode(token), text, ids,
+                                        tok.decode(ids) == text))
+    return probes
+
+
 def check_control_tokens(tok: Tokenizer) -> list[tuple[str, list[int]]]:
     """Control tokens that do not encode as exactly their one id, alone and inside text; [] = gate G0 passes.
 
     Each failure is (token, the ids it encoded to: alone if that failed, else inside "Hello {token}world").
     """
-    failures: list[tuple[str, list[int]]] = []
-    for token in CONTROL_TOKENS:
-        tid = tok.control_ids.get(token)
-        alone = tok.encode(token)
-        if tid is None or alone != [tid]:
-            failures.append((token, alone))
-            continue
-        context = tok.encode(f"Hello {token}world")
-        if context.count(tid) != 1 or tok.decode(context) != f"Hello {token}world":
-            failures.append((token, context))
-    return failures
+    return [(p.token, p.alone if not p.alone_ok else p.in_text) for p in probe_control_tokens(tok) if not p.ok]

@@ -4,6 +4,7 @@ output measurements that the training diagnostics and the gates share."""
 from groundthink.evaluation.lm_eval import evaluate_texts, evaluate_token_docs
 from groundthink.evaluation.state_metrics import (
     DecaySaturation,
+    has_recurrent_layer,
     lane_norm,
     predictive_entropy,
     recurrent_states,
@@ -17,6 +18,7 @@ __all__ = [
     "DecaySaturation",
     "evaluate_texts",
     "evaluate_token_docs",
+    "has_recurrent_layer",
     "state_cosine",
     "lane_norm",
     "predictive_entropy",

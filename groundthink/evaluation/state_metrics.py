@@ -38,6 +38,11 @@ import torch.nn.functional as F
 RECURRENT_STATE_KEYS = {"rwkv": "wkv", "mamba": "ssm"}
 
 
+def has_recurrent_layer(model: torch.nn.Module) -> bool:
+    """True when some block of the model has an RWKV or Mamba branch (a recurrent state to measure)."""
+    return any(hasattr(block, branch) for block in getattr(model, "blocks", []) for branch in RECURRENT_STATE_KEYS)
+
+
 def recurrent_states(state: Any) -> Iterator[tuple[int, str, torch.Tensor]]:
     """(layer index, branch, state matrix [B,H,K,V]) for every recurrent branch of an LMState, in layer order."""
     for i, branches in enumerate(state.layers):

@@ -71,6 +71,7 @@ def _tokenizer(args):
 def run_static(args) -> int:
     import torch
 
+    from groundthink.evaluation.state_metrics import has_recurrent_layer
     from groundthink.gates.static_checks import (
         control_token_criteria,
         default_sample_texts,
@@ -106,7 +107,7 @@ def run_static(args) -> int:
                     model, batch_size=int(sample["batch_size"]), seq_len=int(sample["seq_len"]),
                     rel_tol=float(cfg["thresholds"]["rel_tol"]), label=label, seed=args.seed)
             elif gate == "G2":
-                if not any(hasattr(b, "rwkv") or hasattr(b, "mamba") for b in model.blocks):
+                if not has_recurrent_layer(model):
                     continue  # no recurrent state to measure (pure attention)
                 sample = cfg["sample"]
                 tokens = sample_tokens(tokenizer, default_sample_texts(), int(sample["batch_size"]),
@@ -163,8 +164,7 @@ def gate_matrix(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for job in job_dirs:
         run = load_run(job, sweep_dir)
-        gates_file = job / GATES_FILE
-        report = json.loads(gates_file.read_text()) if gates_file.is_file() else {}
+        report = run.gates or {}
         overrides = run.overrides or {}
         rows.append({
             "job": run.name,

@@ -36,32 +36,28 @@ Series = list[tuple[int, float]]
 
 
 class RunData:
-    """What a gate reads from a run folder: summary.json, config.yaml (resolved) and metrics.csv."""
+    """What a gate reads from a run folder (summary.json, config.yaml, metrics.csv), as `groundthink-compare` reads
+    it (groundthink.reporting.runs.load_run); `summary` given in process replaces summary.json."""
 
     def __init__(self, run_dir: str | Path, summary: dict[str, Any] | None = None) -> None:
-        import yaml
-
-        from groundthink.reporting.runs import read_metrics_csv
+        from groundthink.reporting.runs import load_run
 
         self.run_dir = Path(run_dir)
-        if summary is None and (self.run_dir / "summary.json").is_file():
-            summary = json.loads((self.run_dir / "summary.json").read_text())
-        self.summary = summary or {}
-        config_file = self.run_dir / "config.yaml"
-        self.config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
-        metrics_file = self.run_dir / "metrics.csv"
-        self.metrics: dict[str, Series] = read_metrics_csv(metrics_file) if metrics_file.is_file() else {}
+        run = load_run(self.run_dir, self.run_dir)
+        self.summary = summary or run.summary
+        self.config = run.config or {}  # flattened: {"data.source": ..., ...}
+        self.metrics: dict[str, Series] = run.series
 
     def series(self, name: str) -> Series:
         return self.metrics.get(name, [])
 
     def setting(self, dotted: str, default: Any = None) -> Any:
-        node: Any = self.config
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
+        """A config value by dotted key; a whole block comes back as its flattened {sub.key: value}."""
+        if dotted in self.config:
+            return self.config[dotted]
+        prefix = dotted + "."
+        block = {k[len(prefix):]: v for k, v in self.config.items() if k.startswith(prefix)}
+        return block or default
 
 
 def window(series: Series, start_fraction: float) -> Series:

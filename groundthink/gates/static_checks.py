@@ -1,7 +1,7 @@
 """Gates G0-G2: checks of a tokenizer and of a model at initialisation; no training needed.
 
 - G0: every control token encodes as exactly its own single id, alone and inside text ("Hello <tok>world",
-  which must also decode back unchanged): the rule of groundthink.data.tokenizer.check_control_tokens.
+  which must also decode back unchanged): groundthink.data.tokenizer.probe_control_tokens.
 - G1: a forward pass of a [B,T] batch of random ids (T odd, so no chunk size divides it) gives logits [B,T,V]
   and a state with exactly the shapes of `init_state`; logits and state are finite; the cross-entropy gradient
   of every parameter is finite; and continuing from the carried state (first half, then the second half with the
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from groundthink.data.tokenizer import CONTROL_TOKENS
+from groundthink.data.tokenizer import probe_control_tokens
 from groundthink.evaluation.state_metrics import recurrent_states, singular_values, spectral_entropy
 from groundthink.gates.report import Criterion, measured
 
@@ -29,21 +29,16 @@ from groundthink.gates.report import Criterion, measured
 # ----- G0 --------------------------------------------------------------------------------------------------------
 def control_token_criteria(tokenizer) -> list[Criterion]:
     criteria = []
-    for token in CONTROL_TOKENS:
-        tid = tokenizer.control_ids.get(token)
-        alone = tokenizer.encode(token)
+    for p in probe_control_tokens(tokenizer):
         criteria.append(Criterion(
-            f"control_token/{token}/alone", len(alone), 1, "==", tid is not None and alone == [tid],
-            f"encode({token!r}) = {alone}, its id is {tid}",
+            f"control_token/{p.token}/alone", len(p.alone), 1, "==", p.alone_ok,
+            f"encode({p.token!r}) = {p.alone}, its id is {p.id}",
         ))
-        text = f"Hello {token}world"
-        ids = tokenizer.encode(text)
-        count = ids.count(tid) if tid is not None else 0
-        round_trip = tokenizer.decode(ids) == text
+        count = p.in_text.count(p.id) if p.id is not None else 0
         criteria.append(Criterion(
-            f"control_token/{token}/in_text", count, 1, "==", count == 1 and round_trip,
-            f"encode({text!r}) = {ids[:24]}{' ...' if len(ids) > 24 else ''} holds id {tid} {count}x; "
-            f"decodes back {'unchanged' if round_trip else 'differently'}",
+            f"control_token/{p.token}/in_text", count, 1, "==", p.in_text_ok,
+            f"encode({p.text!r}) = {p.in_text[:24]}{' ...' if len(p.in_text) > 24 else ''} holds id {p.id} "
+            f"{count}x; decodes back {'unchanged' if p.round_trip else 'differently'}",
         ))
     return criteria
 

@@ -46,6 +46,7 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
     gate: str | None = None
     gate_verdict: str | None = None
+    gates: dict[str, Any] | None = None  # the run's gates.json, when it has one
 
     @property
     def failed(self) -> bool:
@@ -231,7 +232,7 @@ def load_run(path: Path, root: Path) -> Run:
         except CompareError as exc:
             print(f"warning: {exc}; this run is reported as failed", file=sys.stderr)
             status, error = "failed", f"metrics.csv unreadable: {exc}"
-    gate = gate_verdict = None
+    gate = gate_verdict = gates = None
     gates_file = path / "gates.json"
     if gates_file.is_file():
         try:
@@ -240,7 +241,7 @@ def load_run(path: Path, root: Path) -> Run:
         except (OSError, json.JSONDecodeError, AttributeError) as exc:
             raise CompareError(f"cannot read {gates_file}: {exc}") from None
     return Run(path=str(path), name=name, status=status, error=error, overrides=read_overrides(path),
-               config=config, series=series, summary=summary, gate=gate, gate_verdict=gate_verdict)
+               config=config, series=series, summary=summary, gate=gate, gate_verdict=gate_verdict, gates=gates)
 
 
 def load_runs(paths: list[str | os.PathLike]) -> list[Run]:

@@ -36,6 +36,7 @@ import torch
 
 from groundthink.evaluation.state_metrics import (
     DecaySaturation,
+    has_recurrent_layer,
     lane_norm,
     predictive_entropy,
     recurrent_states,
@@ -339,12 +340,8 @@ def build_diagnostics(cfg: dict[str, Any], model: torch.nn.Module | None = None)
         every = int(settings.pop("every_n_steps") or 0)
         if every < 0:
             raise ValueError(f"diagnostics.{section}.every_n_steps={every} must be >= 0 (0 = off)")
-        if section == "state" and model is not None and not _has_recurrent_layer(model):
+        if section == "state" and model is not None and not has_recurrent_layer(model):
             continue
         if every > 0:
             callbacks.append(_BUILDERS[section](every, **settings))
     return callbacks
-
-
-def _has_recurrent_layer(model: torch.nn.Module) -> bool:
-    return any(hasattr(block, branch) for block in getattr(model, "blocks", []) for branch in ("rwkv", "mamba"))
