@@ -192,6 +192,15 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, fields_: dict) -> ModelConfig:
+        """A ModelConfig from a plain dict such as a run's saved `config["model"]`; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(fields_) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**fields_)
+
     def replace(self, **changes) -> ModelConfig:
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
         if unknown:
