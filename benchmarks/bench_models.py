@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from groundthink.mixers import MIXERS
 from groundthink.models import HybridLM, ModelConfig
-from groundthink.models.presets import PRESETS
+from groundthink.models.presets import preset as preset_config
 
 MIXER_CFG = dict(
     d_model=256, n_heads=4, d_state=64, mamba_head_dim=64, attn_heads=4, attn_window=512, n_layers=2
@@ -35,7 +35,7 @@ def best_time(fn, repeats: int) -> float:
 
 def mixer_tokens_per_s(name: str, impl: str, B: int, T: int, repeats: int) -> float:
     torch.manual_seed(0)
-    mixer = MIXERS[name].from_config(ModelConfig(**MIXER_CFG, impl=impl), layer_id=1, device="cpu")
+    mixer = MIXERS[name].from_config(ModelConfig.from_dict({**MIXER_CFG, "impl": impl}), layer_id=1, device="cpu")
     with torch.no_grad():
         for param in mixer.parameters():
             param.add_(0.02 * torch.randn_like(param))
@@ -54,7 +54,7 @@ def mixer_tokens_per_s(name: str, impl: str, B: int, T: int, repeats: int) -> fl
 def _impl_matters(name: str) -> bool:
     build = MIXERS[name].from_config
     impls = {
-        build(ModelConfig(**MIXER_CFG, impl=i), layer_id=0, device="cpu").impl
+        build(ModelConfig.from_dict({**MIXER_CFG, "impl": i}), layer_id=0, device="cpu").impl
         for i in ("reference", "chunked")
     }
     return len(impls) > 1
@@ -62,7 +62,7 @@ def _impl_matters(name: str) -> bool:
 
 def train_step_tokens_per_s(preset: str, B: int, T: int, precision: str, repeats: int) -> tuple[float, int]:
     torch.manual_seed(0)
-    model = HybridLM(ModelConfig(**{**PRESETS[preset], "vocab_size": 264, "impl": "chunked"}), device="cpu")
+    model = HybridLM(preset_config(preset, vocab_size=264, impl="chunked"), device="cpu")
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3)
     ids = torch.randint(0, 264, (B, T + 1))
 

@@ -20,15 +20,15 @@ from groundthink.training.checkpoint import (
     CheckpointError,
     capture_rng_state,
     find_last_good_checkpoint,
-    flatten_optimizer_state,
+    link_checkpoint,
     load_checkpoint,
-    pack_training_state,
+    remove_stale_temp_files,
     restore_rng_state,
     rotate_checkpoints,
     save_checkpoint,
-    unflatten_optimizer_state,
-    unpack_training_state,
+    verify_checkpoint,
 )
+from groundthink.training.lightning_io import SafetensorsCheckpointIO
 
 
 class PickledOnly:
@@ -78,54 +78,48 @@ def _save_simple(directory, name, value: float, step: int):
     return save_checkpoint(directory, name, {"model.w": torch.full((3, 2), value)}, {"step": step})
 
 
-def test_optimizer_state_round_trip_is_exact():
-    _, opt = _trained_model_and_optimizer()
-    sd = opt.state_dict()
-    tensors, meta = flatten_optimizer_state(sd)
-    assert all(k.startswith("optim.") for k in tensors)
-    json.dumps(meta)
-    back = unflatten_optimizer_state(tensors, json.loads(json.dumps(meta)))
-    _assert_same(sd, back)
-    assert isinstance(back["param_groups"][0]["betas"], tuple)
-    assert back["state"][0]["step"].item() == 3.0
+def _training_checkpoint(model, opt, carried, rng) -> dict:
+    """The nested dict Lightning hands the checkpoint IO, with what LMTrainingModule.on_save_checkpoint adds."""
+    return {
+        "global_step": 3,
+        "state_dict": dict(model.state_dict()),
+        "optimizer_states": [opt.state_dict()],
+        "loops": {"fit_loop": {"epoch_progress": {"current": {"ready": 1, "completed": 0}}}},
+        "carried_state": {"tensors": carried, "position": 96},
+        "rng": rng,
+        "groundthink": {"step": 3, "run_id": "abcd1234", "metrics": {"train/loss": float("nan")}},
+    }
 
 
 def test_full_training_state_round_trip_continues_identically(tmp_path):
+    """The checkpoint IO every run uses: model, optimizer (tuples and int keys included), carried state, RNG and
+    run metadata come back exactly, and training continues bit for bit."""
     model, opt = _trained_model_and_optimizer()
     carried = {"layers.0.rwkv.wkv": torch.randn(2, 1, 3, 3), "layers.0.rwkv.shift": torch.randn(2, 4)}
     random.seed(5)
     np.random.seed(5)
-    rng = capture_rng_state()
-    tensors, meta = pack_training_state(
-        model=model.state_dict(), optimizer=opt.state_dict(), carried=carried, rng=rng
-    )
-    meta.update({"step": 3, "run_id": "abcd1234", "metrics": {"train/loss": float("nan")}})
-    path = save_checkpoint(tmp_path, "last", tensors, meta)
-    assert path == tmp_path / "last.safetensors" and (tmp_path / "last.json").exists()
+    checkpoint = _training_checkpoint(model, opt, carried, capture_rng_state())
+    io = SafetensorsCheckpointIO()
+    io.save_checkpoint(checkpoint, tmp_path / "last.safetensors")
+    path = tmp_path / "last.safetensors"
     sidecar = json.loads((tmp_path / "last.json").read_text())
-    assert sidecar["format_version"] == ck.FORMAT_VERSION and sidecar["step"] == 3
+    assert sidecar["format_version"] == ck.FORMAT_VERSION and sidecar["step"] == 3 and sidecar["run_id"] == "abcd1234"
     assert sidecar["integrity"]["bytes"] == path.stat().st_size and len(sidecar["integrity"]["sha256"]) == 64
     expected = (torch.randn(4), np.random.rand(3), random.random())
 
-    loaded_tensors, loaded_meta = load_checkpoint(path)
-    assert loaded_meta["step"] == 3 and loaded_meta["run_id"] == "abcd1234"
-    assert set(loaded_tensors) == set(tensors)
-    parts = unpack_training_state(loaded_tensors, loaded_meta)
-    _assert_same(parts["model"], dict(model.state_dict()))
-    _assert_same(parts["optimizer"], opt.state_dict())
-    _assert_same(parts["carried"], carried)
-
-    restore_rng_state(parts["rng"])
+    back = io.load_checkpoint(path)
+    _assert_same(back["state_dict"], checkpoint["state_dict"])
+    _assert_same(back["optimizer_states"], checkpoint["optimizer_states"])
+    assert isinstance(back["optimizer_states"][0]["param_groups"][0]["betas"], tuple)
+    _assert_same(back["carried_state"], checkpoint["carried_state"])
+    assert back["groundthink"]["metrics"]["train/loss"] != back["groundthink"]["metrics"]["train/loss"]  # nan
+    restore_rng_state(back["rng"])
     again = (torch.randn(4), np.random.rand(3), random.random())
-    assert (
-        torch.equal(expected[0], again[0])
-        and np.array_equal(expected[1], again[1])
-        and expected[2] == again[2]
-    )
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
 
     model2, opt2 = _trained_model_and_optimizer(seed=1)
-    model2.load_state_dict(parts["model"])
-    opt2.load_state_dict(parts["optimizer"])
+    model2.load_state_dict(back["state_dict"])
+    opt2.load_state_dict(back["optimizer_states"][0])
     x = torch.randn(5, 4)
     for m, o in ((model, opt), (model2, opt2)):
         o.zero_grad()
@@ -133,6 +127,31 @@ def test_full_training_state_round_trip_continues_identically(tmp_path):
         o.step()
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+def test_last_is_a_hard_link_to_the_newest_step_and_verifies(tmp_path):
+    """`last` costs no second copy of the tensors, and survives the rotation of the step file it links to."""
+    _save_simple(tmp_path, "step_0000010", 1.0, 10)
+    link_checkpoint(tmp_path, "step_0000010", "last")
+    last = tmp_path / "last.safetensors"
+    assert last.stat().st_ino == (tmp_path / "step_0000010.safetensors").stat().st_ino
+    assert verify_checkpoint(last)["step"] == 10
+    assert json.loads((tmp_path / "last.json").read_text())["integrity"]["file"] == "last.safetensors"
+    _save_simple(tmp_path, "step_0000020", 2.0, 20)
+    rotate_checkpoints(tmp_path, keep=1)
+    assert not (tmp_path / "step_0000010.safetensors").exists()
+    tensors, meta = load_checkpoint(last)
+    assert meta["step"] == 10 and torch.equal(tensors["model.w"], torch.full((3, 2), 1.0))
+
+
+def test_temp_files_of_killed_saves_are_removed_when_a_run_starts(tmp_path):
+    _save_simple(tmp_path, "last", 1.0, 5)
+    stale = [tmp_path / ".last.safetensors.tmp-1a2b3c4d", tmp_path / ".last.json.tmp-1a2b3c4d"]
+    for p in stale:
+        p.write_bytes(b"x" * 100)
+    assert rotate_checkpoints(tmp_path, keep=3) == [] and all(p.exists() for p in stale)  # young: maybe in use
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted(stale)
+    assert not any(p.exists() for p in stale) and (tmp_path / "last.safetensors").exists()
 
 
 def test_shared_and_non_contiguous_tensors_are_saved(tmp_path):
@@ -396,10 +415,8 @@ def test_cuda_tensors_and_cuda_rng_round_trip(tmp_path):
     rng = capture_rng_state()
     assert len(rng["cuda"]) == torch.cuda.device_count()
     expected = torch.randn(3, device="cuda")
-    tensors, meta = pack_training_state(model={"w": torch.randn(2, 2, device="cuda")}, rng=rng)
-    path = save_checkpoint(tmp_path, "last", tensors, meta)
-    loaded, loaded_meta = load_checkpoint(path)
-    parts = unpack_training_state(loaded, loaded_meta)
-    assert torch.equal(parts["model"]["w"], tensors["model.w"].cpu())
-    restore_rng_state(parts["rng"])
+    io = SafetensorsCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.randn(2, 2, device="cuda")}, "rng": rng}, tmp_path / "last")
+    back = io.load_checkpoint(tmp_path / "last.safetensors")
+    restore_rng_state(back["rng"])
     assert torch.equal(torch.randn(3, device="cuda"), expected)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from groundthink.reporting.compare import main
-from groundthink.reporting.runs import CompareError, discover_runs, read_metrics_csv
+from groundthink.reporting.runs import CompareError, discover_runs, load_runs, read_metrics_csv
 
 ALPHAS = (0.25, 0.5)
 LAYERS = (6, 12)
@@ -107,7 +107,8 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def _expected(sweep: Path) -> dict[tuple[str, str], dict[str, list[float]]]:
-    """Per cell: final/best val/loss and val/bpb, mean tokens/s of each completed seed, from metrics.csv."""
+    """Per cell: final/best val/loss and val/bpb from metrics.csv and tokens/s from summary.json, per completed
+    seed."""
     out: dict[tuple[str, str], dict[str, list[float]]] = {}
     for job in sorted(sweep.iterdir()):
         if not job.is_dir() or not (job / "summary.json").exists():
@@ -122,8 +123,8 @@ def _expected(sweep: Path) -> dict[tuple[str, str], dict[str, list[float]]]:
             values = [float(r[metric]) for r in rows if r[metric] != ""]
             cell.setdefault(f"final_{metric}", []).append(values[-1])
             cell.setdefault(f"best_{metric}", []).append(min(values))
-        tps = [float(r["perf/tokens_per_s"]) for r in rows if r["perf/tokens_per_s"] != ""]
-        cell.setdefault("tokens_per_s", []).append(sum(tps) / len(tps))
+        # One throughput definition: the run's own summary figure (what its closing line printed).
+        cell.setdefault("tokens_per_s", []).append(json.loads((job / "summary.json").read_text())["tokens_per_s"])
     return out
 
 
@@ -285,3 +286,36 @@ def test_module_cli_subprocess(sweep: Path, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "groundthink.reporting.compare", str(tmp_path / "nothing")],
                           capture_output=True, text=True, env=env, timeout=60, cwd=REPO)
     assert proc.returncode == 2 and "no such file or folder" in proc.stderr
+
+
+def test_curves_of_one_point_are_drawn_with_markers_and_an_empty_plot_is_not_written(tmp_path: Path) -> None:
+    """Issue 11 item 3: one validation point per run was drawn as a line without markers: a blank plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from groundthink.reporting.cells import group_cells
+    from groundthink.reporting.plots import plot_val_loss
+
+    sweep = tmp_path / "short-multirun" / "2026-01-01_00-00-00_0a1b2c3d"
+    rng = np.random.default_rng(0)
+    for num, alpha in enumerate((0.25, 0.5)):
+        job = _make_job(sweep, num, alpha, 6, 1, status="completed", rng=rng)
+        (job / "metrics.csv").write_text("step,train/loss,val/loss\n5,3.0,\n10,2.5,2.75\n")
+    cells, _ = group_cells(load_runs([sweep]))
+    drawn = []
+    real_savefig = Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        drawn.extend(fig.axes[0].lines)
+        return real_savefig(fig, *args, **kwargs)
+
+    Figure.savefig = capture
+    try:
+        assert plot_val_loss(cells, tmp_path / "val_loss.png") == tmp_path / "val_loss.png"
+    finally:
+        Figure.savefig = real_savefig
+    assert len(drawn) == 2 and all(line.get_marker() == "o" for line in drawn)
+    assert plot_val_loss(cells, tmp_path / "none.png", metric="val/nothing") is None
+    assert not (tmp_path / "none.png").exists()

@@ -1,12 +1,10 @@
 """Training diagnostics: the state/entropy measures on known inputs, the callbacks' schedule and alerts, and a
-short in-process training run (also the harness the gate tests use: `train_tiny`)."""
+short in-process training run (the harness, `train_in_process`, lives in conftest.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -14,8 +12,6 @@ import pytest
 import torch
 import yaml
 
-from groundthink.data.stream import encode_documents
-from groundthink.data.tokenizer import build_tokenizer
 from groundthink.evaluation.state_metrics import (
     DecaySaturation,
     predictive_entropy,
@@ -27,82 +23,18 @@ from groundthink.evaluation.state_metrics import (
 )
 from groundthink.models import HybridLM, LMState
 from groundthink.models.presets import preset
-from groundthink.training.datamodule import TBPTTDataModule
 from groundthink.training.diagnostics import (
+    DiagnosticsSettings,
     DiagnosticWarning,
     GradientNormDiagnostics,
     OutputEntropyDiagnostics,
     StateHealthDiagnostics,
     build_diagnostics,
     component_grad_norms,
-    resolve_diagnostics,
 )
-from groundthink.training.metrics_logger import CSVMetricsLogger, read_metrics_csv
-from groundthink.training.module import FaultSettings, LMTrainingModule, NonFiniteLossError, OptimSettings
-from groundthink.training.schedules import Curriculum
-
-REPO = Path(__file__).resolve().parent.parent
-EVERY_5 = {"enabled": True, "grad_norms": {"every_n_steps": 5}, "state": {"every_n_steps": 5},
-           "entropy": {"every_n_steps": 5}}
-
-
-# ----- the in-process training harness -------------------------------------------------------------------------
-def sample_texts() -> list[str]:
-    from pydoc_data.topics import topics
-
-    return [topics[name] for name in sorted(topics)][:60]
-
-
-def train_tiny(run_dir: Path, *, steps: int = 40, lr: float = 3e-3, pattern: str = "H", init: str = "official",
-               seed: int = 0, diagnostics: dict | None = EVERY_5, nan_at_step: int | None = None,
-               batch_size: int = 4, seq_len: int = 32, callbacks: list | None = None,
-               model: HybridLM | None = None) -> SimpleNamespace:
-    """Train the tiny preset on 50 language-reference topics and write a run folder as train.py does
-    (config.yaml with the keys the gates read, metrics.csv, summary.json)."""
-    torch.set_num_threads(1)
-    L.seed_everything(seed, verbose=False)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer("char")
-    texts = sample_texts()
-    train_texts, val_texts = texts[:50], texts[50:]
-    datamodule = TBPTTDataModule(
-        encode_documents(tokenizer, train_texts), encode_documents(tokenizer, val_texts), batch_size=batch_size,
-        curriculum=Curriculum([], seq_len), val_seq_len=seq_len, val_batches=2, pad_id=tokenizer.pad_id,
-        seed=seed,
-    )
-    model = model or HybridLM(preset("tiny", vocab_size=tokenizer.vocab_size, pattern=pattern, init=init))
-    module = LMTrainingModule(
-        model, optim=OptimSettings(lr=lr, warmup_steps=5), max_steps=steps,
-        token_bytes=torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.float32),
-        faults=FaultSettings(nan_at_step=nan_at_step),
-    )
-    config = {
-        "seed": seed,
-        "trainer": {"max_steps": steps},
-        "data": {"source": "embedded", "path": None, "text_field": "text", "hub_name": None, "mixture": None,
-                 "max_documents": 60, "val_fraction": 0.05, "batch_size": batch_size, "seq_len": seq_len},
-        "tokenizer": {"kind": "char", "vocab_size": 264},
-        "model": {"pattern": pattern, "init": init},
-    }
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    logger = CSVMetricsLogger(run_dir)
-    trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", logger=[logger],
-        callbacks=(build_diagnostics(diagnostics, model) if diagnostics else []) + list(callbacks or []),
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        val_check_interval=10, check_val_every_n_epoch=None, limit_val_batches=2, num_sanity_val_steps=0,
-        log_every_n_steps=5, gradient_clip_val=1.0, deterministic=True,
-    )
-    status, error = "completed", None
-    try:
-        trainer.fit(module, datamodule=datamodule)
-    except NonFiniteLossError as exc:
-        status, error = "failed", str(exc)
-    logger.finalize(status)
-    summary = {"status": status, "error": error, "step": trainer.global_step}
-    (run_dir / "summary.json").write_text(json.dumps(summary))
-    return SimpleNamespace(run_dir=run_dir, model=model, tokenizer=tokenizer, val_texts=val_texts, summary=summary,
-                           module=module, trainer=trainer)
+from groundthink.training.metrics_file import read_metrics_csv
+from groundthink.training.module import NonFiniteLossError
+from tests.conftest import EVERY_5, REPO, train_in_process
 
 
 def freeze_states(model: HybridLM) -> HybridLM:
@@ -192,7 +124,7 @@ def test_decay_saturation_counts_the_decays_of_both_mixers_and_leaves_nothing_in
         assert fractions[(i, "mamba")] == pytest.approx(expected_mamba)
     assert fractions[(0, "rwkv")] > 0.3  # identity init: decays up to 0.99988, many above 1 - 1e-3
     for block in model.blocks:
-        assert "log_decay" not in block.rwkv.__dict__ and not block.mamba.in_proj._forward_hooks
+        assert block.rwkv.decay_observer is None and block.mamba.decay_observer is None
     official = HybridLM(preset("tiny"))
     with DecaySaturation(official, eps) as sat:
         official(tokens)
@@ -220,7 +152,8 @@ class _Logger:
 
 
 def _stub_trainer(step: int, logger: _Logger) -> SimpleNamespace:
-    return SimpleNamespace(global_step=step, loggers=[logger])
+    """A trainer during (1-based) step `step`: global_step counts the completed ones."""
+    return SimpleNamespace(global_step=step - 1, loggers=[logger])
 
 
 def _set_branch_grads(model: HybridLM, rwkv: float, mamba: float) -> None:
@@ -243,17 +176,17 @@ def test_ratio_warning_fires_once_per_excursion_and_values_are_logged():
         _set_branch_grads(model, rwkv, mamba)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            callback.on_before_optimizer_step(_stub_trainer(2 * k + 1, logger), module, None)
+            callback.on_before_optimizer_step(_stub_trainer(2 * k + 2, logger), module, None)
         fired.append([str(w.message) for w in caught if issubclass(w.category, DiagnosticWarning)])
     assert [len(f) for f in fired] == [1, 0, 0, 1]
-    assert "RWKV/Mamba gradient-norm ratio 1e+03" in fired[0][0] and "step 1" in fired[0][0]
+    assert "rwkv/mamba gradient-norm ratio 1e+03" in fired[0][0] and "step 2" in fired[0][0]
     steps = [s for s, _ in logger.rows]
-    assert steps == [1, 3, 5, 7]
+    assert steps == [2, 4, 6, 8]
     first = logger.rows[0][1]
     assert first["diag/grad_ratio_rwkv_mamba"] == pytest.approx(1000.0)
     assert first["diag/grad_norm/total"] == pytest.approx(math.hypot(1.0, 0.001))
     assert first["diag/grad_norm/in_band"] == 1.0
-    callback.on_before_optimizer_step(_stub_trainer(2, logger), module, None)  # (2 + 1) % 2 != 0: not due
+    callback.on_before_optimizer_step(_stub_trainer(3, logger), module, None)  # 3 % 2 != 0: not due
     assert len(logger.rows) == 4
 
 
@@ -264,33 +197,33 @@ def test_total_norm_band_is_checked_and_a_nan_gradient_stops_naming_the_componen
     logger = _Logger()
     _set_branch_grads(model, 3.0, 3.0)
     with pytest.warns(DiagnosticWarning, match="total gradient norm 4.24 left the band"):
-        callback.on_before_optimizer_step(_stub_trainer(0, logger), module, None)
+        callback.on_before_optimizer_step(_stub_trainer(1, logger), module, None)
     assert logger.rows[0][1]["diag/grad_norm/in_band"] == 0.0
     model.blocks[1].mamba.A_log.grad = torch.full_like(model.blocks[1].mamba.A_log, float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"'blocks\.1\.mamba\.A_log' \(mamba\)"):
-        callback.on_before_optimizer_step(_stub_trainer(1, logger), module, None)
+        callback.on_before_optimizer_step(_stub_trainer(2, logger), module, None)
 
 
 def test_entropy_callback_measures_only_due_steps_and_alerts_on_collapse():
     callback = OutputEntropyDiagnostics(3, collapse_below=0.3)
     logger = _Logger()
     module = SimpleNamespace(capture_outputs=False, last_outputs=None)
-    for step in range(6):
+    for step in range(1, 7):
         trainer = _stub_trainer(step, logger)
         callback.on_train_batch_start(trainer, module, None, 0)
-        assert module.capture_outputs == (step in (2, 5))
+        assert module.capture_outputs == (step in (3, 6))
         if module.capture_outputs:  # what training_step leaves when asked: uniform, then one-hot logits
             logits = torch.zeros(1, 4, 10)
-            if step == 5:
+            if step == 6:
                 logits.fill_(-50.0)[..., 1] = 50.0
             module.last_outputs = {"logits": logits, "labels": torch.tensor([[1, 2, -100, 3]])}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             callback.on_train_batch_end(trainer, module, None, None, 0)
         alerts = [w for w in caught if issubclass(w.category, DiagnosticWarning)]
-        assert len(alerts) == (1 if step == 5 else 0)
+        assert len(alerts) == (1 if step == 6 else 0)
         assert module.capture_outputs is False and module.last_outputs is None
-    assert [s for s, _ in logger.rows] == [2, 5]
+    assert [s for s, _ in logger.rows] == [3, 6]
     assert logger.rows[0][1]["diag/output_entropy"] == pytest.approx(math.log(10))
     assert logger.rows[1][1]["diag/output_entropy"] == pytest.approx(0.0, abs=1e-6)
 
@@ -319,6 +252,22 @@ def test_state_health_of_a_frozen_state_reports_cosine_one_and_alerts():
         StateHealthDiagnostics(1).measure(nan_state, None, None, {}, step=2)
 
 
+def test_state_explosion_alert_fires_at_max_norm_and_is_off_with_state_norm():
+    model = HybridLM(preset("tiny"))
+    _, state = model(torch.randint(0, 264, (2, 16)))
+    big = state.map(lambda t: t * 1e4 if t.is_floating_point() else t)
+    callback = StateHealthDiagnostics(1, max_norm=10.0)
+    with pytest.warns(DiagnosticWarning, match="state explosion"):
+        metrics = callback.measure(big, None, None, {}, step=1)
+    assert max(v for k, v in metrics.items() if k.endswith("/norm")) >= 10.0
+    quiet = StateHealthDiagnostics(1, max_norm=10.0)
+    quiet.on_fit_start(None, SimpleNamespace(model=HybridLM(preset("tiny", state_norm=True))))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet.measure(big, None, None, {}, step=1)
+    assert not [w for w in caught if "explosion" in str(w.message)]
+
+
 # ----- config --------------------------------------------------------------------------------------------------
 def test_disabled_or_zero_period_diagnostics_build_no_callback():
     assert build_diagnostics({"enabled": False, "grad_norms": {"every_n_steps": 5}}) == []
@@ -331,17 +280,16 @@ def test_disabled_or_zero_period_diagnostics_build_no_callback():
 
 def test_unknown_diagnostics_keys_are_errors_that_name_them():
     with pytest.raises(ValueError, match="every_n_step'"):
-        resolve_diagnostics({"enabled": True, "state": {"every_n_step": 5}})
+        DiagnosticsSettings.from_dict({"enabled": True, "state": {"every_n_step": 5}})
     with pytest.raises(ValueError, match="gradnorms"):
-        resolve_diagnostics({"enabled": True, "gradnorms": {}})
+        DiagnosticsSettings.from_dict({"enabled": True, "gradnorms": {}})
 
 
 @pytest.mark.parametrize("name", ["default", "full"])
 def test_diagnostics_configs_use_only_known_keys(name):
-    cfg = yaml.safe_load((REPO / "conf" / "diagnostics" / f"{name}.yaml").read_text())
-    cfg.pop("defaults", None)
-    settings = resolve_diagnostics(cfg)
-    assert all(settings[s]["every_n_steps"] > 0 for s in settings)
+    cfg = yaml.safe_load((REPO / "conf" / "diagnostics" / f"{name}.yaml").read_text()) or {}
+    settings = DiagnosticsSettings.from_dict(cfg)
+    assert all(getattr(settings, s).every_n_steps > 0 for s in ("grad_norms", "state", "entropy"))
 
 
 # ----- in a real training loop ---------------------------------------------------------------------------------
@@ -353,26 +301,26 @@ class _Probe(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         model = pl_module.model
-        hooked = any("log_decay" in b.rwkv.__dict__ or b.mamba.in_proj._forward_hooks for b in model.blocks)
-        self.installed[trainer.global_step] = hooked or pl_module.capture_outputs
+        hooked = any(b.rwkv.decay_observer is not None or b.mamba.decay_observer is not None for b in model.blocks)
+        self.installed[trainer.global_step + 1] = hooked or pl_module.capture_outputs
 
 
 @pytest.mark.filterwarnings("ignore::groundthink.training.diagnostics.DiagnosticWarning")
 def test_diagnostics_log_on_their_steps_into_metrics_csv_and_cost_nothing_between(tmp_path):
     probe = _Probe()
-    run = train_tiny(tmp_path / "run", steps=20, callbacks=[probe])
+    run = train_in_process(tmp_path / "run", steps=20, callbacks=[probe])
     assert run.summary["status"] == "completed"
     series = read_metrics_csv(tmp_path / "run" / "metrics.csv")
     for key in ["diag/grad_norm/rwkv", "diag/grad_norm/mamba", "diag/grad_norm/ffn", "diag/grad_norm/embed_head",
                 "diag/grad_norm/total", "diag/grad_ratio_rwkv_mamba", "diag/output_entropy",
                 "diag/state/L1/mamba/cos", "diag/state/L0/rwkv/svd_top5", "diag/state/L0/rwkv/saturation",
                 "diag/state/L1/rwkv/norm", "diag/state/L0/mamba/entropy"]:
-        assert [s for s, _ in series[key]] == [4, 9, 14, 19], key
+        assert [s for s, _ in series[key]] == [5, 10, 15, 20], key
     # The loss is logged at the same rows (log_every_n_steps=5), so every diag value sits beside a train/loss.
-    assert {s for s, _ in series["train/loss"]} >= {4, 9, 14, 19}
+    assert {s for s, _ in series["train/loss"]} >= {5, 10, 15, 20}
     entropy = [v for _, v in series["diag/output_entropy"]]
     assert all(0 < v <= math.log(264) for v in entropy)
-    assert {s for s, on in probe.installed.items() if on} == {4, 9, 14, 19}
+    assert {s for s, on in probe.installed.items() if on} == {5, 10, 15, 20}
     assert run.module.capture_outputs is False and run.module.last_outputs is None
     for block in run.model.blocks:
-        assert "log_decay" not in block.rwkv.__dict__ and not block.mamba.in_proj._forward_hooks
+        assert block.rwkv.decay_observer is None and block.mamba.decay_observer is None

@@ -13,9 +13,10 @@ from datetime import datetime
 import pytest
 
 from groundthink.training import rundir, wandb_setup
-from groundthink.training.metrics_logger import CSVMetricsLogger, read_metrics_csv
+from groundthink.training.metrics_file import read_metrics_csv
+from groundthink.training.metrics_logger import CSVMetricsLogger
 from groundthink.training.provenance import collect_provenance
-from groundthink.training.rundir import RunDirError, ensure_writable, make_run_dir, new_run_id
+from groundthink.training.rundir import RunDirError, ensure_writable, new_run_id
 
 PROVENANCE_KEYS = {
     "git_sha",
@@ -80,11 +81,12 @@ def _log_run(logger: CSVMetricsLogger, steps) -> None:
             logger.log_metrics({"perf/tokens_per_s": 1000 + step}, step=step)
 
 
-def test_metrics_csv_is_wide_and_grows_columns(tmp_path):
+def test_metrics_csv_is_wide_grows_columns_and_writes_rows_once_complete(tmp_path):
     logger = CSVMetricsLogger(tmp_path)
     logger.log_metrics({"train/loss": 2.5}, step=1)
-    assert (tmp_path / "metrics.csv").read_text() == "step,train/loss\n1,2.5\n"
+    assert not (tmp_path / "metrics.csv").exists()  # step 1 may still get metrics: not written yet
     logger.log_metrics({"train/loss": 2.25}, step=2)
+    assert (tmp_path / "metrics.csv").read_text() == "step,train/loss\n1,2.5\n"  # step 1 is complete
     logger.log_metrics({"val/loss": 2.75}, step=2)  # same step: merged into one row, new column
     logger.log_metrics({"train/loss": float("nan"), "lr": 3}, step=3)
     logger.finalize("success")
@@ -96,17 +98,16 @@ def test_metrics_csv_is_wide_and_grows_columns(tmp_path):
     assert series["val/loss"] == [(2, 2.75)] and series["lr"] == [(3, 3.0)]
 
 
-def test_metrics_csv_append_path_matches_a_full_rewrite(tmp_path):
+def test_metrics_csv_flush_then_late_values_and_appends_match_a_full_rewrite(tmp_path):
     incremental = CSVMetricsLogger(tmp_path / "a")
-    batched = CSVMetricsLogger(tmp_path / "b", flush_every=1000)
     _log_run(incremental, range(1, 12))
-    _log_run(batched, range(1, 12))
-    assert not (tmp_path / "b" / "metrics.csv").exists()  # batched: nothing written before a flush
-    batched.finalize("success")
-    incremental.log_metrics({"late": 1.0}, step=4)  # an older row gets a new value -> full rewrite
-    batched.log_metrics({"late": 1.0}, step=4)
+    incremental.flush()  # as before a checkpoint: the newest row too
+    incremental.log_metrics({"late": 1.0}, step=4)  # an older row gets a new value -> atomic full rewrite
     incremental.finalize("success")
-    batched.finalize("success")
+    rewritten = CSVMetricsLogger(tmp_path / "b")
+    _log_run(rewritten, range(1, 12))
+    rewritten.log_metrics({"late": 1.0}, step=4)
+    rewritten._rewrite(len(rewritten.rows))  # the whole table in one atomic rewrite
     text = (tmp_path / "a" / "metrics.csv").read_text()
     assert text == (tmp_path / "b" / "metrics.csv").read_text()
     assert text.splitlines()[0] == "step,train/loss,val/loss,val/bpb,perf/tokens_per_s,late"
@@ -130,6 +131,34 @@ def test_metrics_csv_resume_equals_uninterrupted_run(tmp_path):
     assert (tmp_path / "resumed" / "metrics.csv").read_bytes() == (
         tmp_path / "full" / "metrics.csv"
     ).read_bytes()
+
+
+def test_a_failing_write_keeps_every_row_already_on_disk(tmp_path, monkeypatch):
+    """A full disk (or any write error) mid-run: the rows on disk stay intact, the rest are kept in memory and
+    written at the next flush that succeeds; a line cut off mid-write is ignored by the reader."""
+    logger = CSVMetricsLogger(tmp_path)
+    _log_run(logger, range(1, 6))
+    logger.flush()
+    before = (tmp_path / "metrics.csv").read_text()
+    real_open = open
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        if "metrics.csv" in str(path) and ("a" in mode or "w" in mode):
+            f = real_open(path, mode, *args, **kwargs)
+            f.write(b"6,1.2" if "b" in mode else "6,1.2")  # a torn, partial line, then the disk is full
+            f.close()
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    _log_run(logger, range(6, 9))
+    logger.flush()
+    monkeypatch.undo()
+    torn = (tmp_path / "metrics.csv").read_text()
+    assert torn.startswith(before)
+    assert [s for s, _ in read_metrics_csv(tmp_path / "metrics.csv")["train/loss"]] == [1, 2, 3, 4, 5]
+    logger.finalize("success")  # the disk has room again: everything is written, the torn line replaced
+    assert [s for s, _ in read_metrics_csv(tmp_path / "metrics.csv")["train/loss"]] == list(range(1, 9))
 
 
 def test_metrics_reader_rejects_foreign_csv(tmp_path):
@@ -239,18 +268,6 @@ def test_run_ids_are_unique_hex():
     ids = [new_run_id() for _ in range(1000)]
     assert len(set(ids)) == 1000
     assert all(re.fullmatch(r"[0-9a-f]{8}", i) for i in ids)
-
-
-def test_make_run_dir_layout_and_no_reuse(tmp_path):
-    now = datetime(2026, 11, 24, 7, 0, 5)
-    d = make_run_dir(tmp_path / "outputs", "ablate_gamma", "1a2b3c4d", now=now)
-    assert d == tmp_path / "outputs" / "ablate_gamma" / "2026-11-24_07-00-05_1a2b3c4d" and d.is_dir()
-    same_second = [make_run_dir(tmp_path / "outputs", "ablate_gamma", now=now) for _ in range(20)]
-    assert len({p.name for p in same_second}) == 20
-    with pytest.raises(RunDirError, match="already exists"):
-        make_run_dir(tmp_path / "outputs", "ablate_gamma", "1a2b3c4d", now=now)
-    with pytest.raises(RunDirError, match="experiment name"):
-        make_run_dir(tmp_path / "outputs", "../escape", "1a2b3c4d")
 
 
 def test_ensure_writable_creates_and_checks(tmp_path):

@@ -11,6 +11,7 @@ from groundthink.mixers import FFNS, MIXERS
 from groundthink.mixers._common import state_norm
 from groundthink.models import ModelConfig
 from tests._numerics import rel_err
+from tests.conftest import tiny_config
 
 REGISTRY = {**{f"mixer:{k}": v for k, v in MIXERS.items()}, **{f"ffn:{k}": v for k, v in FFNS.items()}}
 VARIANTS = ("plain", "state_norm_h0")
@@ -20,24 +21,11 @@ D_MODEL = 32
 
 
 def tiny_cfg(variant: str = "plain", **changes) -> ModelConfig:
-    fields = dict(
-        vocab_size=50,
-        d_model=D_MODEL,
-        n_layers=2,
-        n_heads=2,
-        d_state=8,
-        mamba_head_dim=16,
-        attn_heads=2,
-        attn_window=8,
-        ffn_mult=2.0,
-        impl="chunked",
-        state_norm_interval=5,
-        wkv_chunk_size=8,
-        ssd_chunk_size=8,
-    )
+    """conftest's tiny config at D_MODEL, 2 layers, an attention window of 8; flat legacy fields accepted."""
+    base = tiny_config(vocab_size=50, d_model=D_MODEL, n_layers=2, mixers={"attention": {"window": 8}})
     if variant == "state_norm_h0":
-        fields.update(state_norm=True, learn_h0=True, grounding_strength=0.7)
-    return ModelConfig(**{**fields, **changes})
+        base = base.replace(state_norm=True, learn_h0=True, grounding_strength=0.7)
+    return ModelConfig.from_dict({**base.to_dict(), **changes})
 
 
 def build(name: str, variant: str = "plain", seed: int = 0, **changes) -> torch.nn.Module:

@@ -11,30 +11,16 @@ import pytest
 import torch
 
 from groundthink.models import HybridLM, LMState, ModelConfig
-from groundthink.models.presets import PRESETS, count_params, param_matched
+from groundthink.models.presets import PRESETS, count_params, param_matched, preset
 from tests._numerics import rel_err
+from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 PATTERNS = ["H", "R", "M", "HHA", "RMA"]
 
 
 def tiny(**changes) -> ModelConfig:
-    fields = dict(
-        vocab_size=40,
-        d_model=32,
-        n_layers=3,
-        n_heads=2,
-        d_state=8,
-        mamba_head_dim=16,
-        attn_heads=2,
-        attn_window=6,
-        ffn_mult=2.0,
-        impl="chunked",
-        state_norm_interval=5,
-        wkv_chunk_size=8,
-        ssd_chunk_size=8,
-    )
-    return ModelConfig(**{**fields, **changes})
+    return tiny_config(**changes)
 
 
 def perturbed(cfg: ModelConfig, seed: int = 0) -> HybridLM:
@@ -129,9 +115,10 @@ def test_reset_lanes_replaces_only_masked_lanes():
         carried.reset_lanes(torch.tensor([1, 0]), fresh)
 
 
-def test_param_groups_isolate_weight_decay():
+@pytest.mark.parametrize("lora_weight_decay", [False, True])
+def test_param_groups_isolate_weight_decay(lora_weight_decay):
     model = HybridLM(tiny(pattern="HA", learn_h0=True, learn_alpha=True, branch_norm=True), device="cpu")
-    groups = model.param_groups(0.1)
+    groups = model.param_groups(0.1, lora_weight_decay=lora_weight_decay)
     decay_ids = {id(p) for p in groups[0]["params"]}
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     all_params = list(model.parameters())
@@ -157,10 +144,12 @@ def test_param_groups_isolate_weight_decay():
         "norm_f.weight",
         "branch_norms.rwkv.weight",
     )
+    # RWKV-LM's optimizer groups leave the token-shift and decay LoRAs undecayed; the switch decays them.
+    lora_suffixes = ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2")
+    if not lora_weight_decay:
+        no_decay_suffixes += lora_suffixes
     decay_suffixes = (
         "rwkv.receptance.weight",
-        "time_maa_w1",
-        "time_decay_w2",
         "in_proj.weight",
         "conv_weight",
         "out_proj.weight",
@@ -168,7 +157,7 @@ def test_param_groups_isolate_weight_decay():
         "ffn.key.weight",
         "embed.weight",
         "head.weight",
-    )
+    ) + (lora_suffixes if lora_weight_decay else ())
     for suffix in no_decay_suffixes:
         matches = [n for n in names if n.endswith(suffix)]
         assert matches, suffix
@@ -183,16 +172,20 @@ def test_param_groups_isolate_weight_decay():
 @pytest.mark.parametrize(
     "changes,words",
     [
-        (dict(d_model=30, n_heads=4), ["d_model", "30", "n_heads=4"]),
+        (dict(d_model=30, mixers={"rwkv6": {"n_heads": 4}}), ["mixers.rwkv6.n_heads", "4", "d_model=30"]),
         (dict(pattern="HX"), ["pattern", "'HX'", "X", "H"]),
         (dict(alpha=1.5), ["alpha", "1.5", "[0, 1]"]),
         (dict(attn_layers=[7]), ["attn_layers", "[7]", "n_layers=3"]),
         (dict(impl="cuda"), ["impl", "'cuda'", "chunked"]),
         (dict(init="xavier"), ["init", "'xavier'", "identity"]),
         (dict(ffn="mlp"), ["ffn", "'mlp'", "swiglu"]),
-        (dict(min_retention=1.0), ["min_retention", "1.0", "[0, 1)"]),
-        (dict(state_norm=True, state_norm_groups=3), ["state_norm_groups", "3", "head_dim"]),
-        (dict(mamba_head_dim=24), ["mamba_head_dim", "24", "64"]),
+        (dict(mixers={"rwkv6": {"min_retention": 1.0}}), ["mixers.rwkv6.min_retention", "1.0", "[0, 1)"]),
+        (dict(state_norm=True, state_norm_groups=3), ["state_norm_groups", "3", "head size"]),
+        (dict(mixers={"mamba2": {"head_dim": 24}}), ["mixers.mamba2.head_dim", "24", "64"]),
+        (dict(mixers={"mamba2": {"chunk_size": 12}}), ["mixers.mamba2.chunk_size", "12", "power of two"]),
+        (dict(mixers={"gru": {}}), ["mixers", "gru", "registered"]),
+        (dict(mixers={"rwkv6": {"n_head": 2}}), ["mixers.rwkv6", "n_head", "n_heads"]),
+        (dict(hybrid=["rwkv6", "rwkv6"]), ["hybrid", "two different"]),
         (dict(n_layers=0), ["n_layers", "0", "positive"]),
     ],
 )
@@ -272,17 +265,37 @@ def test_tied_embeddings_share_one_matrix():
 
 def test_presets_instantiate_and_count():
     assert set(PRESETS) >= {"tiny", "5m_deep", "8m_wide", "8m", "30m", "125m"}
-    model = HybridLM(ModelConfig(**PRESETS["tiny"]), device="cpu")
+    model = HybridLM(preset("tiny"), device="cpu")
     logits, _ = model(tokens(1, 8, vocab=model.cfg.vocab_size))
     assert logits.shape == (1, 8, model.cfg.vocab_size)
     assert count_params(model.cfg) == model.num_params()
-    counts = {name: count_params(ModelConfig(**fields)) for name, fields in PRESETS.items()}
+    counts = {name: count_params(preset(name)) for name in PRESETS}
     assert counts["tiny"] < counts["5m_deep"] < counts["8m"] < counts["30m"] < counts["125m"]
-    assert ModelConfig(**PRESETS["125m"]).vocab_size == 24000
+    assert preset("125m").vocab_size == 24000
+    assert counts["8m"] == 16_965_932  # the research plan's 8m shape (12 x 256), as recorded since the first version
+
+
+def test_legacy_flat_model_configs_load():
+    """Runs saved before mixers had their own settings stored flat fields; from_dict moves them."""
+    legacy = {"d_model": 64, "n_layers": 2, "n_heads": 2, "d_state": 16, "mamba_head_dim": 32, "attn_heads": 2,
+              "attn_window": 64, "max_seq_len": 512, "wkv_chunk_size": None, "min_retention": 0.01}
+    assert ModelConfig.from_dict(legacy) == preset("tiny")
+    with pytest.raises(ValueError, match="d_modle.*did you mean d_model"):
+        ModelConfig.from_dict({"d_modle": 64})
+
+
+def test_identity_bias_init_starts_every_decay_at_0_9999():
+    model = HybridLM(tiny(init="identity_bias", pattern="H"), device="cpu")
+    block = model.blocks[0]
+    w = torch.exp(-torch.exp(block.rwkv.time_decay.double()))
+    assert torch.allclose(w, torch.full_like(w, 0.9999), atol=1e-9)
+    dt = torch.nn.functional.softplus(block.mamba.dt_bias.double())
+    a = torch.exp(dt * -torch.exp(block.mamba.A_log.double()))
+    assert torch.allclose(a, torch.full_like(a, 0.9999), atol=1e-7)
 
 
 def test_param_matched_keeps_count_within_5_percent():
-    base = ModelConfig(**PRESETS["5m_deep"])
+    base = preset("5m_deep")
     target = count_params(base)
     for changes in (dict(pattern="R"), dict(pattern="M"), dict(pattern="HHA"), dict(n_layers=12)):
         cfg = param_matched(base, **changes)

@@ -1,8 +1,9 @@
 """Measurements of a model's recurrent state and of its predictions, in plain PyTorch.
 
 Used by the training diagnostics (groundthink/training/diagnostics.py) and by the gates (groundthink/gates). The
-state matrices measured are the recurrent states of the carried LMState: RWKV-6 `wkv` [B,H,K,V] and Mamba-2
-`ssm` [B,H,P,N]; token-shift and conv tails and attention windows are not recurrent memories and are skipped.
+state matrices measured are the recurrent states of the carried LMState that each mixer declares
+(`SequenceMixer.recurrent_state`, e.g. RWKV-6 `wkv` [B,H,K,V] and Mamba-2 `ssm` [B,H,P,N]); token-shift and conv
+tails and attention windows are not recurrent memories and are not declared.
 Singular values are taken per lane and head, of the [K,V] (or [P,N]) matrix, in fp32.
 
 Definitions:
@@ -16,8 +17,9 @@ Definitions:
   singular-value spectrum; exp(H) is the effective rank of Roy & Vetterli (EUSIPCO 2007). Range [0, ln min(K,V)]:
   0 for a rank-1 state, ln 64 = 4.16 for a 64 x 64 head with a flat spectrum. nan for a zero matrix.
 - **norm**: the Frobenius norm of a lane's whole state tensor (all heads).
-- **decay saturation**: the per-token retention factor of every memory channel, RWKV-6 w_t = exp(log w_t) per
-  head and key channel, Mamba-2 a_t = exp(dt_t A_h) per head, is saturated when a_t > 1 - eps (the channel never
+- **decay saturation**: the per-token retention factor of every memory channel (what each recurrent mixer passes
+  to `observe_decay`: RWKV-6 w_t = exp(log w_t) per head and key channel, Mamba-2 a_t = exp(dt_t A_h) per head,
+  GLA's gate per key channel), is saturated when a_t > 1 - eps (the channel never
   forgets within reach of training) or a_t < eps (it forgets everything at every token). Both ends are where the
   derivative of the retention with respect to its pre-activation, a ln a, vanishes (|a ln a| ~ eps), as for a
   sigmoid gate beyond 1 - eps or below eps. Fraction over every token, lane and channel of the forward pass.
@@ -34,21 +36,32 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# Branch name in a block's state dict -> the key of its recurrent (matrix-valued) state.
-RECURRENT_STATE_KEYS = {"rwkv": "wkv", "mamba": "ssm"}
+from groundthink.mixers import SequenceMixer, mixer_for_branch
+
+
+def _recurrent_mixers(model: torch.nn.Module) -> Iterator[tuple[int, str, SequenceMixer]]:
+    """(layer index, branch, mixer) for every branch of the model that declares a recurrent state."""
+    for i, block in enumerate(getattr(model, "blocks", [])):
+        for branch in getattr(block, "branch_names", ()):
+            mixer = getattr(block, branch)
+            if mixer.recurrent_state:
+                yield i, branch, mixer
 
 
 def has_recurrent_layer(model: torch.nn.Module) -> bool:
-    """True when some block of the model has an RWKV or Mamba branch (a recurrent state to measure)."""
-    return any(hasattr(block, branch) for block in getattr(model, "blocks", []) for branch in RECURRENT_STATE_KEYS)
+    """True when some block of the model has a mixer with a recurrent state to measure."""
+    return next(_recurrent_mixers(model), None) is not None
 
 
 def recurrent_states(state: Any) -> Iterator[tuple[int, str, torch.Tensor]]:
-    """(layer index, branch, state matrix [B,H,K,V]) for every recurrent branch of an LMState, in layer order."""
+    """(layer index, branch, state matrix [B,H,K,V]) for every declared recurrent state of an LMState, in layer
+    order (a mixer with several recurrent states is reported per state as branch/key after the first)."""
     for i, branches in enumerate(state.layers):
-        for branch, key in RECURRENT_STATE_KEYS.items():
-            if branch in branches and key in branches[branch]:
-                yield i, branch, branches[branch][key]
+        for branch, tensors in branches.items():
+            mixer = mixer_for_branch(branch)
+            for j, key in enumerate(mixer.recurrent_state if mixer is not None else ()):
+                if key in tensors:
+                    yield i, branch if j == 0 else f"{branch}/{key}", tensors[key]
 
 
 def state_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -123,10 +136,8 @@ class DecaySaturation:
             model(tokens, state)
         sat.fractions()  # {(layer, "rwkv"): 0.004, (layer, "mamba"): 0.0, ...}
 
-    RWKV-6 decays are read by wrapping the mixer's `log_decay` for the duration of the block (an instance
-    attribute that shadows the method, removed on exit); Mamba-2's by a forward hook on `in_proj`, whose last
-    n_heads outputs are dt before softplus (mamba2.py: in_proj -> [z | xBC | dt]). Nothing stays installed
-    after the block, so a model outside it runs exactly as before.
+    Every recurrent mixer reports its per-step log retention through `observe_decay`; this installs an observer
+    on each for the duration of the block and removes it on exit, so a model outside it runs exactly as before.
     """
 
     def __init__(self, model: torch.nn.Module, eps: float) -> None:
@@ -145,33 +156,16 @@ class DecaySaturation:
         count[1] += log_retention.numel()
 
     def __enter__(self) -> DecaySaturation:
-        for i, block in enumerate(getattr(self.model, "blocks", [])):
-            rwkv = getattr(block, "rwkv", None)
-            if rwkv is not None and hasattr(rwkv, "log_decay"):
-                self._wrap_rwkv(i, rwkv)
-            mamba = getattr(block, "mamba", None)
-            if mamba is not None and hasattr(mamba, "in_proj"):
-                self._hook_mamba(i, mamba)
+        for layer, branch, mixer in _recurrent_mixers(self.model):
+            self._observe(layer, branch, mixer)
         return self
 
-    def _wrap_rwkv(self, layer: int, mixer: torch.nn.Module) -> None:
-        method = type(mixer).log_decay
+    def _observe(self, layer: int, branch: str, mixer: SequenceMixer) -> None:
+        def observer(_mixer: SequenceMixer, log_retention: torch.Tensor) -> None:
+            self._add((layer, branch), log_retention)
 
-        def log_decay(x_w: torch.Tensor) -> torch.Tensor:
-            log_w = method(mixer, x_w)
-            self._add((layer, "rwkv"), log_w.detach())
-            return log_w
-
-        mixer.log_decay = log_decay
-        self._undo.append(lambda: mixer.__dict__.pop("log_decay", None))
-
-    def _hook_mamba(self, layer: int, mixer: torch.nn.Module) -> None:
-        def hook(_module, _inputs, output):
-            with torch.no_grad():
-                dt = F.softplus(output[..., -mixer.n_heads :].float() + mixer.dt_bias.float())  # [B,T,H]
-                self._add((layer, "mamba"), dt * -torch.exp(mixer.A_log.float()))  # ln a = dt·A
-
-        self._undo.append(mixer.in_proj.register_forward_hook(hook).remove)
+        mixer.decay_observer = observer
+        self._undo.append(lambda: mixer.__dict__.pop("decay_observer", None))
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()

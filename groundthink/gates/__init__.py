@@ -11,11 +11,15 @@
 | G4 | the evaluation runs and logs finite metrics | run_checks + groundthink.evaluation |
 | G5 | target validation loss | run_checks |
 
-Gate runs: `groundthink-train gate=g3 ...` (conf/gate/); the verdict logic is in runner.py, the report format in
-report.py, the command line (`groundthink-gate static | check | matrix`) in cli.py.
+Gate runs: `groundthink-train gate=g3 ...` (conf/gate/). Each gate registers itself (registry.py) in the module
+that checks it; importing this package registers them all. The verdict logic is in runner.py, the report format
+in report.py, the command line (`groundthink-gate static | check | matrix`) in cli.py.
 """
 
+from groundthink.gates import run_checks, static_checks  # noqa: F401  (registers G0-G5)
+from groundthink.gates.registry import GATES, GateContext, GateSpec, gate_name, register_gate
 from groundthink.gates.report import Criterion, GateReport
-from groundthink.gates.runner import SPECS, check_gate_config, evaluate_gate, finish_gate_run, gate_name
+from groundthink.gates.runner import check_gate_config, evaluate_gate, finish_gate_run
 
-__all__ = ["SPECS", "Criterion", "GateReport", "check_gate_config", "evaluate_gate", "finish_gate_run", "gate_name"]
+__all__ = ["GATES", "Criterion", "GateContext", "GateReport", "GateSpec", "check_gate_config", "evaluate_gate",
+           "finish_gate_run", "gate_name", "register_gate"]

@@ -12,7 +12,7 @@
         printed, and written to <out>/gate_matrix.md and gate_matrix.json.
 
 Thresholds come from conf/gate/<gate>.yaml, the same files gate runs use. The exit code is 1 when any verdict is
-FAIL (or a job has none), else 0.
+FAIL (or a job has none), else 0 (PASS, or SMOKE: a run shorter than the gate's min_steps, not judged).
 """
 
 from __future__ import annotations
@@ -25,19 +25,18 @@ from typing import Any
 
 import yaml
 
+from groundthink.gates import GATES, gate_name
 from groundthink.gates.report import GATES_FILE, Criterion, GateReport
-from groundthink.gates.runner import SPECS, gate_name
 
 CONF_GATE_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "gate"
-METRIC_GATES = ("G3", "G3.5", "G3.6", "G5")
 DEFAULT_PATTERNS = "H,R,M,A,HA"
 
 
 def gate_config(name: str) -> dict[str, Any]:
     """The `gate` block of conf/gate/<name>.yaml (name as g3_5, G3.5, ...)."""
     canonical = gate_name(name)
-    if canonical not in SPECS:
-        raise SystemExit(f"error: {name!r} is not a gate; known: {', '.join(SPECS)}")
+    if canonical not in GATES:
+        raise SystemExit(f"error: {name!r} is not a gate; known: {', '.join(sorted(GATES))}")
     path = CONF_GATE_DIR / f"{canonical.lower().replace('.', '_')}.yaml"
     if not path.is_file():
         raise SystemExit(f"error: {path} is missing (the gate configs live in conf/gate/)")
@@ -71,21 +70,15 @@ def _tokenizer(args):
 def run_static(args) -> int:
     import torch
 
-    from groundthink.evaluation.state_metrics import has_recurrent_layer
-    from groundthink.gates.static_checks import (
-        control_token_criteria,
-        default_sample_texts,
-        forward_criteria,
-        sample_tokens,
-        state_entropy_criteria,
-    )
+    from groundthink.gates.registry import GateContext
     from groundthink.models import HybridLM
     from groundthink.models.presets import preset
 
     gates = [gate_name(g) for g in args.gates.split(",") if g]
-    bad = [g for g in gates if g not in ("G0", "G1", "G2")]
+    static = [name for name, spec in GATES.items() if spec.static]
+    bad = [g for g in gates if g not in static]
     if bad:
-        raise SystemExit(f"error: static checks are G0, G1 and G2; got {bad} (G3+ judge a training run)")
+        raise SystemExit(f"error: static checks are {', '.join(static)}; got {bad} (the others judge a training run)")
     tokenizer = _tokenizer(args)
     configs = {g: gate_config(g) for g in gates}
     combined = GateReport("+".join(gates), f"static checks of {args.model} x {args.pattern}, tokenizer "
@@ -93,28 +86,18 @@ def run_static(args) -> int:
     verdicts: dict[str, str] = {}
     variants = [(m, p) for m in args.model.split(",") if m for p in args.pattern.split(",") if p]
     for gate in gates:
-        cfg = configs[gate]
-        report = GateReport(gate, SPECS[gate].description, settings=cfg)
-        if gate == "G0":
-            report.criteria = control_token_criteria(tokenizer)
-        for model_name, pattern in variants if gate != "G0" else []:
-            label = f"{model_name}:{pattern}"
+        cfg, spec = configs[gate], GATES[gate]
+        report = GateReport(gate, spec.description, settings=cfg)
+        if "model" not in spec.reads:
+            report.criteria = spec.evaluate(GateContext(tokenizer=tokenizer, seed=args.seed), cfg)
+        for model_name, pattern in variants if "model" in spec.reads else []:
             torch.manual_seed(args.seed)
             model = HybridLM(preset(model_name, vocab_size=tokenizer.vocab_size, pattern=pattern))
-            if gate == "G1":
-                sample = cfg["sample"]
-                report.criteria += forward_criteria(
-                    model, batch_size=int(sample["batch_size"]), seq_len=int(sample["seq_len"]),
-                    rel_tol=float(cfg["thresholds"]["rel_tol"]), label=label, seed=args.seed)
-            elif gate == "G2":
-                if not has_recurrent_layer(model):
-                    continue  # no recurrent state to measure (pure attention)
-                sample = cfg["sample"]
-                tokens = sample_tokens(tokenizer, default_sample_texts(), int(sample["batch_size"]),
-                                       int(sample["seq_len"]))
-                report.criteria += state_entropy_criteria(
-                    model, tokens, cfg["thresholds"]["state_entropy_band"], label=label,
-                    where=f"one forward of {tuple(tokens.shape)} tokens of the language-reference text")
+            if spec.applies_to is not None and not spec.applies_to(model):
+                continue
+            for c in spec.evaluate(GateContext(model=model, tokenizer=tokenizer, seed=args.seed), cfg):
+                c.name = f"{model_name}:{pattern}/{c.name}"
+                report.criteria.append(c)
         report.apply_severities(list(cfg.get("warning_criteria") or []))
         print(report.render(), flush=True)
         verdicts[gate] = report.verdict
@@ -132,8 +115,9 @@ def run_check(args) -> int:
     from groundthink.gates.runner import evaluate_gate
 
     name = gate_name(args.gate)
-    if name not in METRIC_GATES:
-        raise SystemExit(f"error: `check` judges gates that read a run folder's metrics ({', '.join(METRIC_GATES)}); "
+    metric_gates = [g for g, spec in GATES.items() if spec.judges_run_folder]
+    if name not in metric_gates:
+        raise SystemExit(f"error: `check` judges gates that read a run folder's metrics ({', '.join(metric_gates)}); "
                          f"{name} needs a model: use `groundthink-gate static` or a gate run")
     run_dir = Path(args.run_dir)
     if not (run_dir / "metrics.csv").is_file():
@@ -149,7 +133,7 @@ def run_check(args) -> int:
     out = Path(args.out) if args.out else run_dir / f"gates_{name.lower().replace('.', '_')}.json"
     report.write(out)
     print(report.render() + f"\nverdict written to {out}")
-    return 0 if report.verdict == "PASS" else 1
+    return 0 if report.verdict in ("PASS", "SMOKE") else 1
 
 
 # ----- matrix ----------------------------------------------------------------------------------------------------
@@ -199,7 +183,7 @@ def run_matrix(args) -> int:
     (out / "gate_matrix.md").write_text(text + "\n")
     (out / "gate_matrix.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(text + f"\nwritten to {out / 'gate_matrix.md'} and gate_matrix.json")
-    return 0 if rows and all(r["verdict"] == "PASS" for r in rows) else 1
+    return 0 if rows and all(r["verdict"] in ("PASS", "SMOKE") for r in rows) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,9 +2,10 @@
 
 A gate's verdict is FAIL when any of its *required* criteria failed, else PASS. A criterion named in the gate's
 `warning_criteria` (e.g. G2's state-entropy band, a warning band per the spec) is reported and listed under
-`warnings` but does not fail the gate. gates.json:
+`warnings` but does not fail the gate. A run shorter than the gate's `min_steps` gets the verdict SMOKE: the
+criteria are computed and shown, but not judged (`smoke` says why). gates.json:
 
-    {"gate": "G3", "verdict": "PASS" | "FAIL", "description": ..., "criteria": [
+    {"gate": "G3", "verdict": "PASS" | "FAIL" | "SMOKE", "smoke": null | reason, "description": ..., "criteria": [
         {"name", "value", "threshold", "rule", "passed", "severity": "required" | "warning", "evidence"}, ...],
      "failed": [names of failed required criteria], "warnings": [names of failed warning criteria],
      "settings": {the gate's config}, "run_dir", "step", "status", "created"}
@@ -85,6 +86,7 @@ class GateReport:
     criteria: list[Criterion] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
+    smoke: str | None = None  # why the verdict is SMOKE (a run shorter than the gate's min_steps)
 
     def apply_severities(self, warning_criteria: list[str]) -> None:
         """Mark the criteria whose name (or name prefix before '/') is listed as warnings."""
@@ -102,12 +104,15 @@ class GateReport:
 
     @property
     def verdict(self) -> str:
+        if self.smoke:
+            return "SMOKE"
         return "FAIL" if self.failed or not self.criteria else "PASS"
 
     def as_json(self) -> dict[str, Any]:
         return {
             "gate": self.gate,
             "verdict": self.verdict,
+            "smoke": self.smoke,
             "description": self.description,
             "criteria": [c.as_json() for c in self.criteria],
             "failed": self.failed,
@@ -128,6 +133,8 @@ class GateReport:
     def render(self) -> str:
         """A short human-readable table for the console."""
         lines = [f"=== gate {self.gate}: {self.verdict} === {self.description}"]
+        if self.smoke:
+            lines.append(f"  not judged: {self.smoke}")
         for c in self.criteria:
             mark = "ok  " if c.passed else ("WARN" if c.severity == "warning" else "FAIL")
             lines.append(f"  [{mark}] {c.name}: {_short(c.value)} {c.rule} {_short(c.threshold)}  ({c.evidence})")

@@ -13,8 +13,8 @@ runs the trained model. "Window" means the logged values at steps >= `from` x th
 - G3.6 (baseline): the candidate run against `baseline_run` (a run folder): same data and tokenizer config;
   val/loss at the last step both logged at most `max_val_loss_ratio` x the baseline's; not diverging (final
   val/loss at most (1 + `divergence_tolerance`) x its best, and finite); every logged RWKV/Mamba gradient ratio
-  inside `grad_ratio_band`; each component's mean gradient norm over the second half within `grad_ratio_band`
-  of the baseline's.
+  inside `grad_ratio_band` (the hybrid branches' diag/grad_ratio_<a>_<b>, e.g. rwkv/mamba); each component's mean
+  gradient norm over the second half within `grad_ratio_band` of the baseline's.
 - G4 (evaluation smoke): groundthink.evaluation.evaluate_texts on the held-out texts runs, its perplexities and
   bits per byte are finite, and they are written to eval.json and metrics.csv (read back to check);
   `carried_state_helps` (reset / carried perplexity >= 1) is a warning.
@@ -30,6 +30,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from groundthink.gates.registry import GateContext, register_gate
 from groundthink.gates.report import Criterion, measured
 
 Series = list[tuple[int, float]]
@@ -130,7 +131,7 @@ def training_criteria(run: RunData, th: dict[str, Any]) -> list[Criterion]:
 
 
 # ----- G3.5 ------------------------------------------------------------------------------------------------------
-_STATE_COLUMN = re.compile(r"^diag/state/L(\d+)/(rwkv|mamba)/(\w+)$")
+_STATE_COLUMN = re.compile(r"^diag/state/L(\d+)/(.+)/(\w+)$")
 
 
 def state_health_criteria(run: RunData, th: dict[str, Any]) -> list[Criterion]:
@@ -167,8 +168,13 @@ def state_health_criteria(run: RunData, th: dict[str, Any]) -> list[Criterion]:
 
 
 # ----- G3.6 ------------------------------------------------------------------------------------------------------
-DATA_KEYS = ("data.source", "data.path", "data.text_field", "data.hub_name", "data.mixture", "data.max_documents",
-             "data.val_fraction", "tokenizer.kind", "tokenizer.vocab_size")
+# Settings that shape the batches, not which data: they may differ between a candidate and its baseline.
+BATCH_SHAPE_KEYS = ("data.batch_size", "data.seq_len", "data.curriculum", "data.val_batches")
+
+
+def _data_keys(*runs: RunData) -> list[str]:
+    keys = {k for run in runs for k in run.config if k.startswith(("data.", "tokenizer."))}
+    return sorted(k for k in keys if not k.startswith(BATCH_SHAPE_KEYS))
 
 
 def baseline_criteria(run: RunData, baseline_dir: str | Path | None, th: dict[str, Any]) -> list[Criterion]:
@@ -182,9 +188,10 @@ def baseline_criteria(run: RunData, baseline_dir: str | Path | None, th: dict[st
     base = RunData(path)
     criteria.append(Criterion("baseline_readable", str(path), "a run folder with metrics.csv", "==", True,
                               f"baseline status {base.summary.get('status')} at step {base.summary.get('step')}"))
-    differ = [f"{k}: {run.setting(k)!r} vs {base.setting(k)!r}" for k in DATA_KEYS if run.setting(k) != base.setting(k)]
+    keys = _data_keys(run, base)
+    differ = [f"{k}: {run.setting(k)!r} vs {base.setting(k)!r}" for k in keys if run.setting(k) != base.setting(k)]
     criteria.append(Criterion("same_data", len(differ), 0, "==", not differ,
-                              "; ".join(differ) or f"{', '.join(DATA_KEYS)} equal"))
+                              "; ".join(differ) or f"{', '.join(keys)} equal"))
     criteria.append(Criterion("same_split_seed", run.setting("seed"), base.setting("seed"), "==",
                               run.setting("seed") == base.setting("seed"),
                               "the held-out split is drawn with the run's seed; different seeds validate on "
@@ -216,14 +223,16 @@ def baseline_criteria(run: RunData, baseline_dir: str | Path | None, th: dict[st
                                  f"final val/loss {final:.4f} at step {val[-1][0]}, best {best:.4f} at step "
                                  f"{best_step}"))
 
-    ratios = run.series("diag/grad_ratio_rwkv_mamba")
-    has_both = bool(run.series("diag/grad_norm/rwkv")) and bool(run.series("diag/grad_norm/mamba"))
-    if ratios:
+    ratio_columns = sorted(k for k in run.metrics if k.startswith("diag/grad_ratio_"))
+    for column in ratio_columns:
+        ratios = run.series(column)
+        name = column.removeprefix("diag/")
         step, worst = max(ratios, key=lambda sv: abs(math.log10(sv[1])) if sv[1] > 0 else math.inf)
-        criteria.append(measured("grad_ratio_rwkv_mamba", worst, "in", band,
-                                 f"worst of {len(ratios)} RWKV/Mamba gradient-norm ratios, at step {step}"))
-    elif has_both or not run.series("diag/grad_norm/total"):
-        criteria.append(_not_measured("grad_ratio_rwkv_mamba", "diag/grad_ratio_rwkv_mamba", band, "in",
+        pair = name.removeprefix("grad_ratio_").replace("_", "/", 1)
+        criteria.append(measured(name, worst, "in", band,
+                                 f"worst of {len(ratios)} {pair} gradient-norm ratios, at step {step}"))
+    if not ratio_columns and not run.series("diag/grad_norm/total"):
+        criteria.append(_not_measured("grad_ratio", "diag/grad_ratio_<branch>_<branch>", band, "in",
                                       "turn on diagnostics.grad_norms"))
 
     components = sorted(k.rsplit("/", 1)[1] for k in run.metrics if k.startswith("diag/grad_norm/")
@@ -278,7 +287,7 @@ def evaluation_criteria(run_dir: Path, model, tokenizer, texts, settings: dict[s
 
 def _log_evaluation(run_dir: Path, metrics: dict[str, float], step: int | None) -> Criterion:
     """Write eval.json and merge the metrics into metrics.csv at the run's last logged step; read both back."""
-    from groundthink.reporting.runs import read_metrics_csv
+    from groundthink.training.metrics_file import read_metrics_csv
     from groundthink.training.metrics_logger import CSVMetricsLogger
 
     (run_dir / "eval.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2) + "\n")
@@ -313,3 +322,52 @@ def target_loss_criteria(run: RunData, th: dict[str, Any], vocab_size: int | Non
                                   f"ln(vocab {vocab_size}) = {uniform:.3f}: the loss of a uniform prediction",
                                   severity="warning"))
     return criteria
+
+
+# ----- registration ----------------------------------------------------------------------------------------------
+def _check_baseline(gate: dict[str, Any]) -> None:
+    baseline = gate.get("baseline_run")
+    if not baseline:
+        raise ValueError("gate G3.6 compares with a baseline run: set gate.baseline_run=<its run folder>")
+    if not (Path(str(baseline)) / "metrics.csv").is_file():
+        raise ValueError(f"gate.baseline_run={baseline}: no metrics.csv there, so it is not a finished run folder")
+
+
+@register_gate("G3", "training: loss decreasing, mean gradient norm in the band",
+               thresholds=("loss_window", "max_loss_ratio", "grad_norm_band", "grad_norm_from"), reads=("run",),
+               diagnostics=("grad_norms",))
+def g3(ctx: GateContext, gate: dict[str, Any]) -> list[Criterion]:
+    return training_criteria(ctx.run, gate["thresholds"])
+
+
+@register_gate("G3.5", "state health: not frozen, structured, gates not saturated",
+               thresholds=("max_cos", "min_svd_top5", "max_saturation", "window_from"), reads=("run",),
+               diagnostics=("state",))
+def g3_5(ctx: GateContext, gate: dict[str, Any]) -> list[Criterion]:
+    return state_health_criteria(ctx.run, gate["thresholds"])
+
+
+@register_gate("G3.6", "candidate vs baseline run: val loss within the ratio, not diverging, gradients balanced",
+               thresholds=("max_val_loss_ratio", "divergence_tolerance", "grad_ratio_band"),
+               extras={"baseline_run": ()}, reads=("run",), diagnostics=("grad_norms",), check=_check_baseline)
+def g3_6(ctx: GateContext, gate: dict[str, Any]) -> list[Criterion]:
+    return baseline_criteria(ctx.run, gate.get("baseline_run"), gate["thresholds"])
+
+
+@register_gate("G4", "the evaluation suite runs without crashes and logs its metrics",
+               extras={"eval": ("batch_size", "seq_len", "max_batches")}, reads=("run", "model", "tokenizer"))
+def g4(ctx: GateContext, gate: dict[str, Any]) -> list[Criterion]:
+    return evaluation_criteria(Path(ctx.run_dir), ctx.model, ctx.tokenizer, ctx.texts, gate["eval"], ctx.step)
+
+
+@register_gate("G5", "the model reaches the target validation loss", thresholds=("max_val_loss",), reads=("run",))
+def g5(ctx: GateContext, gate: dict[str, Any]) -> list[Criterion]:
+    vocab = ctx.tokenizer.vocab_size if ctx.tokenizer is not None else _saved_vocab(ctx.run_dir)
+    return target_loss_criteria(ctx.run, gate["thresholds"], vocab)
+
+
+def _saved_vocab(run_dir: Path | None) -> int | None:
+    meta = Path(run_dir) / "tokenizer" / "tokenizer_meta.json" if run_dir is not None else None
+    if meta is None or not meta.is_file():
+        return None
+    return int(json.loads(meta.read_text()).get("vocab_size") or 0) or None

@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from groundthink.data.tokenizer import probe_control_tokens
-from groundthink.evaluation.state_metrics import recurrent_states, singular_values, spectral_entropy
+from groundthink.evaluation.state_metrics import (
+    has_recurrent_layer,
+    recurrent_states,
+    singular_values,
+    spectral_entropy,
+)
+from groundthink.gates.registry import GateContext, register_gate
 from groundthink.gates.report import Criterion, measured
 
 
@@ -151,7 +157,8 @@ def state_entropy_criteria(model: torch.nn.Module, tokens: torch.Tensor, band: S
     layers = list(recurrent_states(state))
     criteria = [Criterion(
         f"{prefix}recurrent_state_present", len(layers), 1, ">=", bool(layers),
-        f"{len(layers)} recurrent layer states (RWKV wkv / Mamba ssm) in a model of {len(state.layers)} layers",
+        f"{len(layers)} recurrent layer states (the states each mixer declares) in a model of "
+        f"{len(state.layers)} layers",
     )]
     per_layer: dict[str, float] = {}
     for i, branch, matrix in layers:
@@ -171,3 +178,40 @@ def state_entropy_criteria(model: torch.nn.Module, tokens: torch.Tensor, band: S
         f"from the initial state: {listing or 'no measurable layer'}",
     ))
     return criteria
+
+
+# ----- registration ----------------------------------------------------------------------------------------------
+def _sample(gate: dict) -> tuple[int, int]:
+    sample = gate.get("sample") or {}
+    return int(sample["batch_size"]), int(sample["seq_len"])
+
+
+@register_gate("G0", "every control token encodes as a single token", reads=("tokenizer",))
+def g0(ctx: GateContext, gate: dict) -> list[Criterion]:
+    return control_token_criteria(ctx.tokenizer)
+
+
+@register_gate("G1", "forward pass works, no NaN/Inf, shapes correct", thresholds=("rel_tol",),
+               extras={"sample": ("batch_size", "seq_len")}, reads=("model",))
+def g1(ctx: GateContext, gate: dict) -> list[Criterion]:
+    batch_size, seq_len = _sample(gate)
+    return forward_criteria(ctx.model, batch_size=batch_size, seq_len=seq_len,
+                            rel_tol=float(gate["thresholds"]["rel_tol"]))
+
+
+@register_gate("G2", "state entropy at step 0 in the band (a warning band)", thresholds=("state_entropy_band",),
+               extras={"sample": ("batch_size", "seq_len")}, reads=("model", "tokenizer"),
+               applies_to=has_recurrent_layer)
+def g2(ctx: GateContext, gate: dict) -> list[Criterion]:
+    batch_size, seq_len = _sample(gate)
+    model = ctx.model
+    source = "held-out text" if ctx.texts else "the language-reference text"
+    tokens = sample_tokens(ctx.tokenizer, ctx.texts or default_sample_texts(), batch_size, seq_len)
+    where = f"one forward of {batch_size} x {seq_len} tokens of {source}"
+    if ctx.step:
+        # G2 is defined at step 0: measure a fresh initialisation of the same config rather than the trained model.
+        with torch.random.fork_rng():
+            torch.manual_seed(ctx.seed)
+            model = type(model)(model.cfg, device=next(model.parameters()).device)
+        where += f" (a fresh initialisation with seed {ctx.seed}: this run trained {ctx.step} steps)"
+    return state_entropy_criteria(model, tokens, gate["thresholds"]["state_entropy_band"], where=where)

@@ -22,12 +22,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from groundthink.mixers.base import no_weight_decay
 from groundthink.ops import resolve_impl
 
 STATE_NORM_EPS = 1e-8
-
-# The ModelConfig `impl` values that name one op's kernel; the other op then uses "auto".
-_KERNEL_OF_OP = {"wkv6": "fla", "ssd": "mamba_ssm"}
+# init="identity_bias": every recurrent decay starts at this per-token retention ("for long memory").
+IDENTITY_BIAS_RETENTION = 0.9999
 
 
 def default_device() -> torch.device:
@@ -36,20 +36,6 @@ def default_device() -> torch.device:
     if current.type != "cpu":
         return current
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def op_impl(model_impl: str, op: str) -> str:
-    """Translate a model-wide impl ("auto" | "reference" | "chunked" | "fla" | "mamba_ssm") into one op's
-    impl.
-
-    "reference"/"chunked" mean the pure-torch conv for op "conv"; a kernel name applies to its own op and
-    leaves the other ops on "auto" (kernel on CUDA when installed, pure torch otherwise).
-    """
-    if op == "conv":
-        return "torch" if model_impl in ("reference", "chunked") else "auto"
-    if model_impl in _KERNEL_OF_OP.values() and _KERNEL_OF_OP[op] != model_impl:
-        return "auto"
-    return model_impl
 
 
 def resolve_op_impl(op: str, impl: str, device) -> str:
@@ -101,8 +87,7 @@ class InitialState(nn.Module):
         self.shape = tuple(shape)
         self.grounding_strength = float(grounding_strength)
         if learn_h0:
-            self.h0 = nn.Parameter(torch.zeros(self.shape))
-            self.h0._no_weight_decay = True
+            self.h0 = no_weight_decay(nn.Parameter(torch.zeros(self.shape)))
         else:
             self.h0 = None
 
@@ -111,11 +96,6 @@ class InitialState(nn.Module):
             return torch.zeros(batch_size, *self.shape, device=device, dtype=torch.float32)
         h0 = (self.grounding_strength * self.h0.float()).to(device)
         return h0.unsqueeze(0).expand(batch_size, *self.shape).contiguous()
-
-
-def no_weight_decay(param: nn.Parameter) -> nn.Parameter:
-    param._no_weight_decay = True
-    return param
 
 
 def layer_ratios(layer_id: int, n_layers: int) -> tuple[float, float]:

@@ -24,13 +24,44 @@ backend); the model-wide `impl` only concerns the recurrent ops.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from groundthink.mixers.base import LayerContext, SequenceMixer, is_positive_int, register_mixer, require
 
-class SlidingWindowAttention(nn.Module):
+
+@dataclass
+class AttentionConfig:
+    """Settings of the sliding-window attention: `model.mixers.attention.*`."""
+
+    n_heads: int = 4
+    window: int = 512  # tokens before the current one that a query sees (and that the carried KV cache holds)
+
+    # Flat ModelConfig fields of runs saved before mixers had their own settings -> the field here.
+    LEGACY_FIELDS: ClassVar[dict[str, str]] = {"attn_heads": "n_heads", "attn_window": "window"}
+
+    def check(self, d_model: int, state_norm_groups: int | None) -> None:
+        f = "mixers.attention."
+        require(f + "n_heads", self.n_heads, is_positive_int(self.n_heads) and d_model % self.n_heads == 0,
+                f"a positive divisor of d_model={d_model}")
+        require(f + "window", self.window, is_positive_int(self.window), "a positive integer")
+
+    def d_model_multiple(self, state_norm_groups: int | None) -> int:
+        return self.n_heads
+
+
+@register_mixer
+class SlidingWindowAttention(SequenceMixer):
+    name = "attention"
+    Config = AttentionConfig
+    letter = "A"
+    branch = "attention"
+    ops = ("attention",)
+
     def __init__(
         self,
         d_model: int,
@@ -56,15 +87,15 @@ class SlidingWindowAttention(nn.Module):
             nn.init.normal_(self.out_proj.weight, std=0.02 / math.sqrt(2 * n_layers))
 
     @classmethod
-    def from_config(cls, cfg, layer_id: int, device=None) -> SlidingWindowAttention:
+    def build(cls, settings: AttentionConfig, ctx: LayerContext) -> SlidingWindowAttention:
         return cls(
-            cfg.d_model,
-            cfg.attn_heads,
-            window=cfg.attn_window,
-            layer_id=layer_id,
-            n_layers=cfg.n_layers,
-            impl=cfg.impl,
-            device=device,
+            ctx.d_model,
+            settings.n_heads,
+            window=settings.window,
+            layer_id=ctx.layer_id,
+            n_layers=ctx.n_layers,
+            impl=ctx.impl,
+            device=ctx.device,
         )
 
     def init_state(self, batch_size: int, device) -> dict[str, torch.Tensor]:

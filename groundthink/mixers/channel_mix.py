@@ -42,6 +42,7 @@ class RWKVChannelMix(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, layer_id: int, device=None) -> RWKVChannelMix:
+        """Build from a ModelConfig-like object (d_model, ffn_mult, n_layers read by field name)."""
         return cls(cfg.d_model, ffn_mult=cfg.ffn_mult, layer_id=layer_id, n_layers=cfg.n_layers)
 
     @torch.no_grad()

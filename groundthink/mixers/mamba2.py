@@ -14,36 +14,93 @@ What differs:
   d_conv-1 *pre-conv* xBC columns} (the stock module starts every forward from zeros; see model_anchors.md
   §2.4).
 - `init="identity"`: dt starts at 0.01 in every head (the geometric middle of the official range) and A is set
-  so exp(dt·A) spans 0.982..0.99988 over the heads, the same range as RWKV's identity init.
+  so exp(dt·A) spans 0.982..0.99988 over the heads, the same range as RWKV's identity init; `init=
+  "identity_bias"`: the same dt, and exp(dt·A) = 0.9999 in every head.
 - Optional trainable h0 [H,P,N] and StateNorm (grouped along P; see groundthink/mixers/_common.py).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from groundthink.mixers._common import (
+    IDENTITY_BIAS_RETENTION,
     InitialState,
     check_choice,
     identity_log_decay,
     inverse_softplus,
-    no_weight_decay,
-    op_impl,
     resolve_op_impl,
     scan_with_state_norm,
 )
-from groundthink.ops import causal_conv1d, ssd
+from groundthink.mixers.base import (
+    INITS,
+    LayerContext,
+    SequenceMixer,
+    is_positive_int,
+    is_power_of_two_or_none,
+    no_weight_decay,
+    register_mixer,
+    require,
+)
+from groundthink.ops import causal_conv1d, op_impl, ssd
 
-INITS = ("official", "identity")
 IDENTITY_DT = 0.01
 NORM_EPS = 1e-5
 
 
-class Mamba2(nn.Module):
+@dataclass
+class Mamba2Config:
+    """Settings of the Mamba-2 mixer: `model.mixers.mamba2.*`."""
+
+    d_state: int = 64  # state size N
+    expand: int = 2  # d_inner = expand · d_model
+    head_dim: int = 64  # head size P (n_heads = d_inner / P)
+    d_conv: int = 4  # width of the causal depthwise conv over xBC
+    n_groups: int = 1  # B/C groups G (heads per group = n_heads / G)
+    chunk_size: int | None = None  # the chunked op's chunk length (a power of two); None = the op's default
+
+    # Flat ModelConfig fields of runs saved before mixers had their own settings -> the field here.
+    LEGACY_FIELDS: ClassVar[dict[str, str]] = {
+        "d_state": "d_state", "mamba_expand": "expand", "mamba_head_dim": "head_dim", "d_conv": "d_conv",
+        "ssd_chunk_size": "chunk_size",
+    }
+
+    def check(self, d_model: int, state_norm_groups: int | None) -> None:
+        """Raise ValueError naming the field when these settings cannot build a layer of width d_model."""
+        f = "mixers.mamba2."
+        for name in ("d_state", "expand", "head_dim", "d_conv", "n_groups"):
+            require(f + name, getattr(self, name), is_positive_int(getattr(self, name)), "a positive integer")
+        d_inner = self.expand * d_model
+        require(f + "head_dim", self.head_dim, d_inner % self.head_dim == 0,
+                f"a divisor of expand·d_model={d_inner}")
+        require(f + "n_groups", self.n_groups, (d_inner // self.head_dim) % self.n_groups == 0,
+                f"a divisor of the number of heads {d_inner // self.head_dim}")
+        require(f + "chunk_size", self.chunk_size, is_power_of_two_or_none(self.chunk_size),
+                "null (the op's default) or a positive power of two")
+        if state_norm_groups is not None:
+            require("state_norm_groups", state_norm_groups, self.head_dim % state_norm_groups == 0,
+                    f"a divisor of mixers.mamba2.head_dim={self.head_dim}")
+
+    def d_model_multiple(self, state_norm_groups: int | None) -> int:
+        """d_model must be a multiple of this so that expand·d_model splits into whole heads."""
+        return self.head_dim // math.gcd(self.expand, self.head_dim)
+
+
+@register_mixer
+class Mamba2(SequenceMixer):
+    name = "mamba2"
+    Config = Mamba2Config
+    letter = "M"
+    branch = "mamba"
+    recurrent_state = ("ssm",)
+    ops = ("ssd", "conv")
+
     def __init__(
         self,
         d_model: int,
@@ -106,27 +163,22 @@ class Mamba2(nn.Module):
         self.reset_parameters(n_layers, init, A_init_range, dt_min, dt_max, dt_init_floor)
 
     @classmethod
-    def from_config(cls, cfg, layer_id: int, device=None) -> Mamba2:
-        """Build from a ModelConfig-like object (read by field name; mixers do not import models)."""
+    def build(cls, settings: Mamba2Config, ctx: LayerContext) -> Mamba2:
         return cls(
-            cfg.d_model,
-            d_state=cfg.d_state,
-            expand=cfg.mamba_expand,
-            head_dim=cfg.mamba_head_dim,
-            d_conv=cfg.d_conv,
-            layer_id=layer_id,
-            n_layers=cfg.n_layers,
-            impl=op_impl(cfg.impl, "ssd"),
-            conv_impl=op_impl(cfg.impl, "conv"),
-            chunk_size=cfg.ssd_chunk_size,
-            init=cfg.init,
-            learn_h0=cfg.learn_h0,
-            grounding_strength=cfg.grounding_strength,
-            state_norm=cfg.state_norm,
-            state_norm_groups=cfg.state_norm_groups,
-            state_norm_interval=cfg.state_norm_interval,
-            device=device,
+            ctx.d_model,
+            d_state=settings.d_state,
+            expand=settings.expand,
+            head_dim=settings.head_dim,
+            d_conv=settings.d_conv,
+            n_groups=settings.n_groups,
+            impl=op_impl(ctx.impl, "ssd"),
+            conv_impl=op_impl(ctx.impl, "conv"),
+            chunk_size=settings.chunk_size,
+            **ctx.recurrent_kwargs(),
         )
+
+    def impls(self) -> dict[str, str]:
+        return {"ssd": self.impl, "conv": self.conv_impl}
 
     @torch.no_grad()
     def reset_parameters(self, n_layers, init, A_init_range, dt_min, dt_max, dt_init_floor) -> None:
@@ -134,8 +186,11 @@ class Mamba2(nn.Module):
         bound = 1.0 / math.sqrt(self.d_conv)  # Conv1d default: fan_in = in_channels/groups · kernel = d_conv
         nn.init.uniform_(self.conv_weight, -bound, bound)
         nn.init.uniform_(self.conv_bias, -bound, bound)
-        if init == "identity":
-            log_decay = identity_log_decay(self.n_heads)  # [H] target ln exp(dt·A)
+        if init in ("identity", "identity_bias"):
+            if init == "identity":
+                log_decay = identity_log_decay(self.n_heads)  # [H] target ln exp(dt·A)
+            else:
+                log_decay = torch.full((self.n_heads,), math.log(IDENTITY_BIAS_RETENTION))
             dt = torch.full((self.n_heads,), IDENTITY_DT)
             self.A_log.copy_(torch.log(-log_decay / IDENTITY_DT))
         else:
@@ -177,6 +232,8 @@ class Mamba2(nn.Module):
         Cm = Cm.reshape(Bsz, T, G, N)
         dt = F.softplus(dt_raw.float() + self.dt_bias.float())  # [B,T,H]
         A = -torch.exp(self.A_log.float())  # [H]
+        if self.decay_observer is not None:
+            self.observe_decay(dt * A)  # ln exp(dt·A) per step and head
 
         def step(a: int, b: int, s: torch.Tensor):
             return ssd(

@@ -17,40 +17,106 @@ What differs:
   d_t <= ln(-ln(min_retention)), which is the same floor but keeps the gradient finite where exp(d_t) would
   overflow. Every impl sees the same floored log w, so reference/chunked/fla agree.
 - `init="identity"`: time_decay starts at ln(-ln(1 - exp(linspace(-4, -9, A)))), i.e. decays 0.982..0.99988
-  (long memory from the start); everything else is the official init.
+  (long memory from the start); `init="identity_bias"`: every channel's decay starts at 0.9999; everything else is
+  the official init.
 - Optional trainable h0 and StateNorm (see groundthink/mixers/_common.py).
 - Lerp coefficients and time_decay are 1-D parameters (official: [1,1,D]) so the ndim < 2 rule of the
-  weight-decay isolation covers them; time_faaaa [H,K] is marked `_no_weight_decay`.
+  weight-decay isolation covers them; time_faaaa [H,K] is never decayed; the token-shift and decay LoRA matrices
+  (time_maa_w1/w2, time_decay_w1/w2) are marked `lora`: RWKV-LM's optimizer groups put them with the undecayed
+  parameters, and so does GroundThink unless `optim.lora_weight_decay` is on.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from groundthink.mixers._common import (
+    IDENTITY_BIAS_RETENTION,
     InitialState,
     check_choice,
     identity_log_decay,
     layer_ratios,
     log_min_retention,
-    no_weight_decay,
-    op_impl,
     resolve_op_impl,
     scan_with_state_norm,
 )
-from groundthink.ops import wkv6
+from groundthink.mixers.base import (
+    INITS,
+    LayerContext,
+    SequenceMixer,
+    is_positive_int,
+    is_power_of_two_or_none,
+    lora,
+    no_weight_decay,
+    register_mixer,
+    require,
+)
+from groundthink.ops import op_impl, wkv6
 
 D_MIX_LORA = 32
 D_DECAY_LORA = 64
 GROUP_NORM_EPS = 64e-5  # 1e-5 · head_size_divisor² with divisor 8, as in RWKV-LM
-INITS = ("official", "identity")
 
 
-class RWKV6TimeMix(nn.Module):
+@dataclass
+class RWKV6Config:
+    """Settings of the RWKV-6 time mix: `model.mixers.rwkv6.*`."""
+
+    n_heads: int = 4
+    head_dim: int | None = None  # head size K = V; None = d_model // n_heads
+    chunk_size: int | None = None  # the chunked op's chunk length (a power of two); None = the op's default
+    min_retention: float = 0.01  # legacy knob: decay floor w_t >= min_retention; 0 disables it
+    d_mix_lora: int = D_MIX_LORA  # rank of the 5-way token-shift (ddlerp) LoRA
+    d_decay_lora: int = D_DECAY_LORA  # rank of the data-dependent decay LoRA
+
+    # Flat ModelConfig fields of runs saved before mixers had their own settings -> the field here.
+    LEGACY_FIELDS: ClassVar[dict[str, str]] = {
+        "n_heads": "n_heads", "head_dim": "head_dim", "wkv_chunk_size": "chunk_size", "min_retention": "min_retention"
+    }
+
+    def head_size(self, d_model: int) -> int:
+        return self.head_dim if self.head_dim is not None else d_model // self.n_heads
+
+    def check(self, d_model: int, state_norm_groups: int | None) -> None:
+        """Raise ValueError naming the field when these settings cannot build a layer of width d_model."""
+        f = "mixers.rwkv6."
+        for name in ("n_heads", "d_mix_lora", "d_decay_lora"):
+            require(f + name, getattr(self, name), is_positive_int(getattr(self, name)), "a positive integer")
+        if self.head_dim is None:
+            require(f + "n_heads", self.n_heads, d_model % self.n_heads == 0,
+                    f"a divisor of d_model={d_model} (or set mixers.rwkv6.head_dim explicitly)")
+        else:
+            require(f + "head_dim", self.head_dim, is_positive_int(self.head_dim),
+                    "a positive integer or null (= d_model // n_heads)")
+        require(f + "chunk_size", self.chunk_size, is_power_of_two_or_none(self.chunk_size),
+                "null (the op's default) or a positive power of two")
+        ok = isinstance(self.min_retention, (int, float)) and not isinstance(self.min_retention, bool)
+        require(f + "min_retention", self.min_retention, ok and 0.0 <= self.min_retention < 1.0,
+                "a number in [0, 1) (0 = off)")
+        if state_norm_groups is not None:
+            require("state_norm_groups", state_norm_groups, self.head_size(d_model) % state_norm_groups == 0,
+                    f"a divisor of the RWKV head size {self.head_size(d_model)}")
+
+    def d_model_multiple(self, state_norm_groups: int | None) -> int:
+        """d_model must be a multiple of this for the head split to stay whole (used by parameter matching)."""
+        return self.n_heads * (state_norm_groups or 1) if self.head_dim is None else 1
+
+
+@register_mixer
+class RWKV6TimeMix(SequenceMixer):
+    name = "rwkv6"
+    Config = RWKV6Config
+    letter = "R"
+    branch = "rwkv"
+    recurrent_state = ("wkv",)
+    ops = ("wkv6",)
+
     def __init__(
         self,
         d_model: int,
@@ -93,11 +159,11 @@ class RWKV6TimeMix(nn.Module):
         self.time_maa_v = nn.Parameter(torch.empty(d_model))
         self.time_maa_r = nn.Parameter(torch.empty(d_model))
         self.time_maa_g = nn.Parameter(torch.empty(d_model))
-        self.time_maa_w1 = nn.Parameter(torch.empty(d_model, 5 * d_mix_lora))
-        self.time_maa_w2 = nn.Parameter(torch.empty(5, d_mix_lora, d_model))
+        self.time_maa_w1 = lora(nn.Parameter(torch.empty(d_model, 5 * d_mix_lora)))
+        self.time_maa_w2 = lora(nn.Parameter(torch.empty(5, d_mix_lora, d_model)))
         self.time_decay = nn.Parameter(torch.empty(d_att))
-        self.time_decay_w1 = nn.Parameter(torch.empty(d_model, d_decay_lora))
-        self.time_decay_w2 = nn.Parameter(torch.empty(d_decay_lora, d_att))
+        self.time_decay_w1 = lora(nn.Parameter(torch.empty(d_model, d_decay_lora)))
+        self.time_decay_w2 = lora(nn.Parameter(torch.empty(d_decay_lora, d_att)))
         self.time_faaaa = no_weight_decay(nn.Parameter(torch.empty(n_heads, head_dim)))  # u [H,K]
         self.receptance = nn.Linear(d_model, d_att, bias=False)
         self.key = nn.Linear(d_model, d_att, bias=False)
@@ -111,24 +177,17 @@ class RWKV6TimeMix(nn.Module):
         self.reset_parameters(layer_id, n_layers, init)
 
     @classmethod
-    def from_config(cls, cfg, layer_id: int, device=None) -> RWKV6TimeMix:
-        """Build from a ModelConfig-like object (read by field name; mixers do not import models)."""
+    def build(cls, settings: RWKV6Config, ctx: LayerContext) -> RWKV6TimeMix:
         return cls(
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.rwkv_head_dim,
-            layer_id=layer_id,
-            n_layers=cfg.n_layers,
-            impl=op_impl(cfg.impl, "wkv6"),
-            chunk_size=cfg.wkv_chunk_size,
-            init=cfg.init,
-            learn_h0=cfg.learn_h0,
-            grounding_strength=cfg.grounding_strength,
-            state_norm=cfg.state_norm,
-            state_norm_groups=cfg.state_norm_groups,
-            state_norm_interval=cfg.state_norm_interval,
-            min_retention=cfg.min_retention,
-            device=device,
+            ctx.d_model,
+            settings.n_heads,
+            settings.head_size(ctx.d_model),
+            impl=op_impl(ctx.impl, "wkv6"),
+            chunk_size=settings.chunk_size,
+            min_retention=settings.min_retention,
+            d_mix_lora=settings.d_mix_lora,
+            d_decay_lora=settings.d_decay_lora,
+            **ctx.recurrent_kwargs(),
         )
 
     @torch.no_grad()
@@ -146,6 +205,8 @@ class RWKV6TimeMix(nn.Module):
         n = torch.arange(self.d_att, dtype=torch.float32) / max(self.d_att - 1, 1)
         if init == "identity":
             self.time_decay.copy_(torch.log(-identity_log_decay(self.d_att)))
+        elif init == "identity_bias":  # w = exp(-exp(d)) = IDENTITY_BIAS_RETENTION in every channel
+            self.time_decay.fill_(math.log(-math.log(IDENTITY_BIAS_RETENTION)))
         else:
             self.time_decay.copy_(-6.0 + 5.0 * n.pow(0.7 + 1.3 * r0))
         nn.init.zeros_(self.time_decay_w1)
@@ -176,7 +237,9 @@ class RWKV6TimeMix(nn.Module):
         d = d.float()
         if self.max_decay_exponent is not None:
             d = d.clamp(max=self.max_decay_exponent)
-        return -torch.exp(d)
+        log_w = -torch.exp(d)
+        self.observe_decay(log_w)
+        return log_w
 
     def forward(
         self, x: torch.Tensor, state: dict[str, torch.Tensor] | None = None, *, position: int = 0

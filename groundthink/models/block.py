@@ -2,7 +2,7 @@
 FFN.
 
     h   = norm1(x)
-    x  += γ · Σ_i weight_i · branch_i(h)      H: weights (α, 1-α) for (rwkv, mamba); R, M, A: weight 1
+    x  += γ · Σ_i weight_i · branch_i(h)      H: weights (α, 1-α) for its two mixers; one-mixer letters: weight 1
     x  += ffn(norm2(x))
 
 With branch_norm each branch output passes its own RMSNorm (learnable gain) before mixing, as Hymba does
@@ -16,15 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from groundthink.mixers import FFNS, MIXERS
+from groundthink.mixers import FFNS, MIXERS, LayerContext
 
-# letter -> ((branch name, MIXERS key), ...); the branch name is also the state key and the parameter prefix.
-BRANCHES = {
-    "H": (("rwkv", "rwkv6"), ("mamba", "mamba2")),
-    "R": (("rwkv", "rwkv6"),),
-    "M": (("mamba", "mamba2"),),
-    "A": (("attention", "attention"),),
-}
 NORM_EPS = 1e-5
 
 
@@ -47,10 +40,12 @@ class Block(nn.Module):
     def __init__(self, cfg, layer_id: int, letter: str, device=None) -> None:
         super().__init__()
         self.letter = letter
-        self.branch_names = tuple(name for name, _ in BRANCHES[letter])
+        mixers = [MIXERS[name] for name in cfg.block_mixers(letter)]
+        self.branch_names = tuple(mixer.branch for mixer in mixers)
         self.norm1 = make_norm(cfg.norm, cfg.d_model)
-        for name, key in BRANCHES[letter]:
-            self.add_module(name, MIXERS[key].from_config(cfg, layer_id, device=device))
+        ctx = LayerContext.of(cfg, layer_id, device)
+        for mixer in mixers:  # the branch name is the attribute, the state key and the parameter prefix
+            self.add_module(mixer.branch, mixer.build(cfg.mixers[mixer.name], ctx))
         self.branch_norms = (
             nn.ModuleDict({name: RMSNorm(cfg.d_model) for name in self.branch_names})
             if cfg.branch_norm
@@ -60,7 +55,7 @@ class Block(nn.Module):
             self.gamma = nn.Parameter(torch.tensor(float(cfg.gamma_init)))
         else:
             self.register_buffer("gamma", torch.tensor(float(cfg.gamma_init)))
-        if letter == "H":
+        if len(self.branch_names) == 2:  # the hybrid letter: α weighs its two branches
             if cfg.learn_alpha:
                 self.alpha = nn.Parameter(torch.tensor(float(cfg.alpha)))
             else:

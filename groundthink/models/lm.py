@@ -16,13 +16,15 @@ from collections import Counter
 import torch
 from torch import nn
 
+from groundthink.mixers import MIXERS
 from groundthink.mixers._common import default_device
 from groundthink.models.block import Block, make_norm
 from groundthink.models.config import ModelConfig
 from groundthink.models.state import LMState
 
-COMPONENTS = ("rwkv", "mamba", "attention", "ffn", "embed_head", "norm_other")
-_BRANCH_COMPONENT = {"rwkv": "rwkv", "mamba": "mamba", "attention": "attention", "ffn": "ffn"}
+# Gradient-diagnostics components: one per registered sequence mixer (its branch name), then the rest.
+COMPONENTS = (*(mixer.branch for mixer in MIXERS.values()), "ffn", "embed_head", "norm_other")
+_BRANCH_COMPONENT = {**{mixer.branch: mixer.branch for mixer in MIXERS.values()}, "ffn": "ffn"}
 
 
 class HybridLM(nn.Module):
@@ -60,14 +62,13 @@ class HybridLM(nn.Module):
         """The implementation each op resolved to at construction, for logging: {"wkv6": "chunked", ...}."""
         found: dict[str, str] = {}
         for block in self.blocks:
-            if hasattr(block, "rwkv"):
-                found["wkv6"] = block.rwkv.impl
-            if hasattr(block, "mamba"):
-                found["ssd"] = block.mamba.impl
-                found["conv"] = block.mamba.conv_impl
-            if hasattr(block, "attention"):
-                found["attention"] = block.attention.impl
+            for branch in block.branch_names:
+                found.update(getattr(block, branch).impls())
         return found
+
+    def hybrid_branches(self) -> tuple[str, str] | None:
+        """The branch names of the hybrid (two-mixer) blocks, e.g. ("rwkv", "mamba"), or None without one."""
+        return next((b.branch_names for b in self.blocks if len(b.branch_names) == 2), None)
 
     # ----- forward -------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
@@ -136,18 +137,21 @@ class HybridLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
+    def param_groups(self, weight_decay: float, lora_weight_decay: bool = False) -> list[dict]:
         """AdamW groups with weight-decay isolation.
 
         No decay for every parameter with ndim < 2 (norms, biases, time_decay, lerp coefficients, A_log,
-        dt_bias, D, γ, α) and for every parameter marked `_no_weight_decay` (bonus u, h0); decay for the
-        rest (projection matrices, LoRA matrices, conv weights, embedding/head).
+        dt_bias, D, γ, α), for every parameter a mixer marked `no_weight_decay` (bonus u, h0), and for the
+        low-rank data-dependent mixing/decay projections a mixer marked `lora` (RWKV-6's time_maa_w1/w2 and
+        time_decay_w1/w2, as in RWKV-LM's optimizer groups) unless `lora_weight_decay`; decay for the rest
+        (projection matrices, conv weights, embedding/head).
         """
         decay, no_decay = [], []
         for _, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            if param.ndim < 2 or getattr(param, "_no_weight_decay", False):
+            lora = getattr(param, "_lora", False)
+            if param.ndim < 2 or getattr(param, "_no_weight_decay", False) or (lora and not lora_weight_decay):
                 no_decay.append(param)
             else:
                 decay.append(param)
@@ -156,6 +160,11 @@ class HybridLM(nn.Module):
             {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
         ]
         return [g for g in groups if g["params"]]
+
+    @staticmethod
+    def mixer_components() -> tuple[str, ...]:
+        """The components that are sequence mixers (one per registered mixer's branch)."""
+        return tuple(mixer.branch for mixer in MIXERS.values())
 
     @staticmethod
     def component_of(param_name: str) -> str:

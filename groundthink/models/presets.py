@@ -9,7 +9,6 @@ memory is allocated).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
 import torch
 
@@ -19,36 +18,32 @@ PRESETS: dict[str, dict] = {
     "tiny": {
         "d_model": 64,
         "n_layers": 2,
-        "n_heads": 2,
-        "d_state": 16,
-        "mamba_head_dim": 32,
-        "attn_heads": 2,
-        "attn_window": 64,
-        "max_seq_len": 512,
+        "mixers": {
+            "rwkv6": {"n_heads": 2},
+            "mamba2": {"d_state": 16, "head_dim": 32},
+            "attention": {"n_heads": 2, "window": 64},
+        },
     },
     # The default run (`groundthink-train` with no overrides): trains on 2 CPU cores in a few minutes.
     "small": {
         "d_model": 128,
         "n_layers": 4,
-        "n_heads": 2,
-        "d_state": 32,
-        "mamba_head_dim": 32,
-        "attn_heads": 2,
-        "attn_window": 256,
-        "max_seq_len": 2048,
+        "mixers": {
+            "rwkv6": {"n_heads": 2},
+            "mamba2": {"d_state": 32, "head_dim": 32},
+            "attention": {"n_heads": 2, "window": 256},
+        },
     },
-    "5m_deep": {"d_model": 256, "n_layers": 6, "n_heads": 4},
-    "8m_wide": {"d_model": 384, "n_layers": 4, "n_heads": 6},
-    "8m": {"d_model": 256, "n_layers": 12, "n_heads": 4},
-    "30m": {"d_model": 384, "n_layers": 10, "n_heads": 6},
+    # The previous version's shapes: 5M "deep" (its best so far) and 8M "wide" (worse).
+    "5m_deep": {"d_model": 256, "n_layers": 6, "mixers": {"rwkv6": {"n_heads": 4}}},
+    "8m_wide": {"d_model": 384, "n_layers": 4, "mixers": {"rwkv6": {"n_heads": 6}}},
+    "8m": {"d_model": 256, "n_layers": 12, "mixers": {"rwkv6": {"n_heads": 4}}},
+    "30m": {"d_model": 384, "n_layers": 10, "mixers": {"rwkv6": {"n_heads": 6}}},
     "125m": {
         "d_model": 768,
         "n_layers": 16,
-        "n_heads": 12,
-        "d_state": 32,
         "vocab_size": 24000,
-        "attn_heads": 12,
-        "max_seq_len": 8192,
+        "mixers": {"rwkv6": {"n_heads": 12}, "mamba2": {"d_state": 32}, "attention": {"n_heads": 12}},
     },
 }
 
@@ -64,38 +59,26 @@ def count_params(cfg: ModelConfig) -> int:
 
 
 def preset(name: str, **changes) -> ModelConfig:
+    """The named preset as a ModelConfig, with `changes` applied (see ModelConfig.replace)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; allowed: {sorted(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], **changes})
-
-
-def _granularity(cfg: ModelConfig) -> int:
-    """d_model must be a multiple of this for every head split of cfg to stay whole."""
-    g = 8
-    if cfg.head_dim is None:
-        g = math.lcm(g, cfg.n_heads * (cfg.state_norm_groups if cfg.state_norm else 1))
-    letters = set(cfg.layer_letters())
-    if "A" in letters:
-        g = math.lcm(g, cfg.attn_heads)
-    if letters & {"H", "M"}:
-        g = math.lcm(g, cfg.mamba_head_dim // math.gcd(cfg.mamba_expand, cfg.mamba_head_dim))
-    return g
+    return ModelConfig.from_dict(PRESETS[name]).replace(**changes)
 
 
 def param_matched(base_cfg: ModelConfig | dict, **changes) -> ModelConfig:
     """base_cfg with `changes` applied and d_model re-chosen so the parameter count stays within ±5% of base.
 
-    d_model moves in steps of the head granularity (a multiple of 8, of n_heads when head_dim is derived, of
-    attn_heads, and whatever keeps mamba_expand·d_model divisible by mamba_head_dim); the closest count wins.
+    d_model moves in steps of the head granularity (`ModelConfig.d_model_multiple`: a multiple of 8 and of what
+    every used mixer's head split needs); the closest count wins.
     When those steps are too coarse to land within ±5%, ffn_mult is tuned as well (at the nearest d_models),
     moving it as little as possible. Raises ValueError when nothing gets within the tolerance.
     """
-    base = base_cfg if isinstance(base_cfg, ModelConfig) else ModelConfig(**base_cfg)
+    base = base_cfg if isinstance(base_cfg, ModelConfig) else ModelConfig.from_dict(base_cfg)
     if "d_model" in changes:
         raise ValueError("param_matched chooses d_model itself; do not pass d_model in changes")
     target = count_params(base)
     changed = base.replace(**changes)
-    g = _granularity(changed)
+    g = changed.d_model_multiple()
 
     def count_at(k: int) -> int | None:
         try:
@@ -152,11 +135,11 @@ def _match_ffn_mult(cfg: ModelConfig, target: int) -> ModelConfig | None:
 
 def main() -> None:
     print(f"{'preset':<10} {'shape':<22} {'params (vocab 264)':>20} {'params (vocab 24000)':>22}")
-    for name, fields in PRESETS.items():
-        cfg = ModelConfig(**fields)
+    for name in PRESETS:
+        cfg = preset(name)
         shape = f"{cfg.n_layers}x{cfg.d_model} {cfg.pattern}"
-        char = count_params(ModelConfig(**{**asdict(cfg), "vocab_size": 264}))
-        bpe = count_params(ModelConfig(**{**asdict(cfg), "vocab_size": 24000}))
+        char = count_params(cfg.replace(vocab_size=264))
+        bpe = count_params(cfg.replace(vocab_size=24000))
         print(f"{name:<10} {shape:<22} {char:>20,} {bpe:>22,}")
 
 

@@ -5,7 +5,7 @@ Each op has a readable step-loop reference, a fast chunked pure-torch path and a
 """
 
 from groundthink.ops.conv import CONV_IMPLS, causal_conv1d
-from groundthink.ops.dispatch import resolve_impl
+from groundthink.ops.dispatch import model_impls, op_impl, resolve_impl
 from groundthink.ops.ssd import SSD_IMPLS, ssd, ssd_chunked, ssd_reference
 from groundthink.ops.wkv6 import WKV6_IMPLS, wkv6, wkv6_chunked, wkv6_reference
 
@@ -14,6 +14,8 @@ __all__ = [
     "SSD_IMPLS",
     "WKV6_IMPLS",
     "causal_conv1d",
+    "model_impls",
+    "op_impl",
     "resolve_impl",
     "ssd",
     "ssd_chunked",

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from groundthink.ops._checks import check_rank, check_shape
-from groundthink.ops.dispatch import resolve_impl
+from groundthink.ops.dispatch import register_op, resolve_impl
 
 CONV_IMPLS = ("torch", "causal_conv1d")
+register_op("conv", fallback="torch", kernel="causal_conv1d", module="causal_conv1d", impls=CONV_IMPLS)
 
 
 def _validate(x, weight, bias, initial_state):

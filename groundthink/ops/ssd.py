@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from groundthink.ops._checks import check_rank, check_shape, compute_dtype
-from groundthink.ops.dispatch import resolve_impl
+from groundthink.ops.dispatch import register_op, resolve_impl
 
 SSD_IMPLS = ("reference", "chunked", "mamba_ssm")
+register_op("ssd", fallback="chunked", kernel="mamba_ssm", module="mamba_ssm.ops.triton.ssd_combined", impls=SSD_IMPLS)
 DEFAULT_CHUNK_SIZE = 32  # CPU optimum (README.md: chunk sizes)
 
 

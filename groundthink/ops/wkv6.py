@@ -15,6 +15,10 @@ The chunked path is GLA's secondary-level chunking (Yang et al., arXiv 2312.0663
 relative to the block's midpoint, so every exponent evaluated is <= 0 and the op is exact and finite for any
 log_w <= 0 without clamping. fla forms its 16×16 diagonal blocks pairwise instead; on CPU the recursion is
 faster (no [.., c, c, K] tensors) and its backward is written by hand (see `_IntraChunk`).
+
+`decay_attention_chunked` is that machinery for both readings of the state: WKV-6's (the query reads the state
+before step t decays it, plus the bonus u) and GLA's (groundthink/ops/gla.py: the query reads the state after step
+t's decay and update, no bonus).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from groundthink.ops._checks import check_rank, check_shape, compute_dtype
-from groundthink.ops.dispatch import resolve_impl
+from groundthink.ops.dispatch import register_op, resolve_impl
 
 WKV6_IMPLS = ("reference", "chunked", "fla")
+register_op("wkv6", fallback="chunked", kernel="fla", module="fla.ops.rwkv6", impls=WKV6_IMPLS)
 DEFAULT_CHUNK_SIZE = 32
 
 
@@ -97,7 +102,9 @@ class _IntraChunk(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, r, k, v, gi, ge):  # r,k,gi,ge [B,H,N,C,K]; v [B,H,N,C,V]
+    def forward(ctx, r, k, v, gi, ge, unit_pairs):  # r,k,gi,ge [B,H,N,C,K]; v [B,H,N,C,V]
+        # unit_pairs: the query decay is exclusive (ge_t = gi_{t-1}), so for adjacent pairs (s = 1) both factors
+        # are exactly 1. With an inclusive query decay (GLA, ge = gi) the s = 1 blocks take the general path.
         o = torch.zeros_like(v)
         factors = []  # (e_q, e_k) per level, kept for the backward
         C = r.shape[3]
@@ -107,13 +114,14 @@ class _IntraChunk(torch.autograd.Function):
             k_a, _ = _halves(k, s)
             v_a, _ = _halves(v, s)
             _, o_b = _halves(o, s)
-            if s == 1:  # ref = ge_t = gi_j, both factors are exactly 1
+            if s == 1 and unit_pairs:  # ref = ge_t = gi_j, both factors are exactly 1
                 o_b += (r_b * k_a).sum(-1, keepdim=True) * v_a
             else:
                 e_q, e_k = _decay_factors(gi, ge, s)
                 factors += [e_q, e_k]
                 o_b += ((r_b * e_q) @ (k_a * e_k).transpose(-1, -2)) @ v_a
             s //= 2
+        ctx.unit_pairs = unit_pairs
         ctx.save_for_backward(r, k, v, *factors)
         return o
 
@@ -133,7 +141,7 @@ class _IntraChunk(torch.autograd.Function):
             _, dr_b = _halves(dr, s)
             dk_a, _ = _halves(dk, s)
             dv_a, _ = _halves(dv, s)
-            if s == 1:
+            if s == 1 and ctx.unit_pairs:
                 A = (r_b * k_a).sum(-1, keepdim=True)  # [...,1,1]
                 dA = (do_b * v_a).sum(-1, keepdim=True)
                 dv_a += A * do_b
@@ -157,11 +165,21 @@ class _IntraChunk(torch.autograd.Function):
                 gi_a_grad -= xk
                 dge_b[..., :1, :] += xk.sum(-2, keepdim=True) - xq.sum(-2, keepdim=True)
             s //= 2
-        return dr, dk, dv, dgi, dge
+        return dr, dk, dv, dgi, dge, None
 
 
 def wkv6_chunked(r, k, v, log_w, u, initial_state=None, chunk_size=None):
     """Chunked WKV, exact for every log_w <= 0 (every exponent it evaluates is <= 0). See README.md."""
+    return decay_attention_chunked(r, k, v, log_w, u, initial_state, chunk_size, query_after_decay=False)
+
+
+def decay_attention_chunked(r, k, v, log_w, u, initial_state, chunk_size, *, query_after_decay):
+    """The exact two-level chunked form of a per-channel-decay linear recurrence S_t = diag(w_t) S_{t-1} + k_tᵀ v_t.
+
+    query_after_decay=False (WKV-6): o_t = r_t · (S_{t-1} + diag(u) k_tᵀ v_t).
+    query_after_decay=True (GLA, u must be None): o_t = r_t · S_t = r_t · (diag(w_t) S_{t-1} + k_tᵀ v_t).
+    Layouts as `wkv6`. Every exponent evaluated is <= 0 in both readings (README.md).
+    """
     B, T, H, K = r.shape
     V = v.shape[-1]
     out_dtype = v.dtype
@@ -173,10 +191,11 @@ def wkv6_chunked(r, k, v, log_w, u, initial_state=None, chunk_size=None):
     N = (T + pad) // C
     # Padding with k = 0 and log_w = 0 leaves the state untouched, so the final state is exact.
     r_, k_, v_, g = (_to_chunks(t.to(dtype), N, C, pad) for t in (r, k, v, log_w))  # [B,H,N,C,*]
-    u_ = u.to(dtype)[None, :, None, None, :]  # [1,H,1,1,K]
 
     gi = g.cumsum(-2)  # inclusive cumulative log decay inside each chunk
-    ge = F.pad(gi[..., :-1, :], (0, 0, 1, 0))  # exclusive: ge_t = gi_{t-1}, ge_0 = 0
+    # The query's decay from the chunk start: exclusive (ge_t = gi_{t-1}, ge_0 = 0) when it reads the state before
+    # step t decays it, inclusive (gi_t) when it reads the state after.
+    ge = gi if query_after_decay else F.pad(gi[..., :-1, :], (0, 0, 1, 0))
     g_last = gi[..., -1:, :]  # [B,H,N,1,K] total log decay of the chunk
 
     # Inter-chunk: each chunk's own state contribution, then a cheap elementwise scan over chunks.
@@ -193,12 +212,15 @@ def wkv6_chunked(r, k, v, log_w, u, initial_state=None, chunk_size=None):
     S_start = torch.stack(starts, dim=2)  # [B,H,N,K,V] state entering each chunk
     o = (r_ * torch.exp(ge)) @ S_start  # [B,H,N,C,V]
 
-    # Bonus: the diagonal of the intra-chunk matrix.
-    o = o + (r_ * u_ * k_).sum(-1, keepdim=True) * v_
+    # The diagonal of the intra-chunk matrix: WKV-6's bonus u, or GLA's own token (factor exp(0) = 1).
+    if u is None:
+        o = o + (r_ * k_).sum(-1, keepdim=True) * v_
+    else:
+        o = o + (r_ * u.to(dtype)[None, :, None, None, :] * k_).sum(-1, keepdim=True) * v_
 
     # Intra-chunk, j < t: split every block of size 2s into halves and add the (second half × first half)
     # sub-block, for s = C/2, C/4, ..., 1. All pairs j < t of the chunk are covered exactly once.
-    o = o + _IntraChunk.apply(r_, k_, v_, gi, ge)
+    o = o + _IntraChunk.apply(r_, k_, v_, gi, ge, not query_after_decay)
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(out_dtype)  # [B,T,H,V]
     return o, S
 

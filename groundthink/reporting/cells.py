@@ -26,7 +26,6 @@ from groundthink.reporting.runs import CompareError, Run
 
 IGNORED_CONFIG_PREFIXES = ("resume", "paths", "logger", "tags", "hydra")
 LOSS_METRICS = ("val/loss", "val/bpb")
-THROUGHPUT_METRIC = "perf/tokens_per_s"
 BASE_LABEL = "(base)"
 
 
@@ -174,7 +173,7 @@ def cell_stats(cell: Cell) -> dict[str, float]:
             mean, std = mean_std(values)
             stats[f"{which}_{metric}_mean"] = mean
             stats[f"{which}_{metric}_std"] = std
-    tps = [r.mean_logged(THROUGHPUT_METRIC, "tokens_per_s") for r in ok]
+    tps = [r.tokens_per_s() for r in ok]
     stats["tokens_per_s_mean"], stats["tokens_per_s_std"] = mean_std([v for v in tps if math.isfinite(v)])
     params = [r.num_params() for r in cell.runs if math.isfinite(r.num_params())]
     stats["num_params"] = float(np.mean(params)) if params else math.nan

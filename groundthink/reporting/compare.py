@@ -135,7 +135,7 @@ def write_runs_csv(cells: list[Cell], axes: list[str], seed_keys: tuple[str, ...
             for r in cell.runs:
                 row = {"run": r.name, "cell": cell.label, "seed": _seed_of(r, seed_keys), "status": r.status,
                        "error": _first_line(r.error) if r.failed else "", "step": r.summary.get("step", ""),
-                       "tokens_per_s": _num(r.mean_logged("perf/tokens_per_s", "tokens_per_s")),
+                       "tokens_per_s": _num(r.tokens_per_s()),
                        "num_params": _num(r.num_params()), "wall_s": r.summary.get("wall_s", ""),
                        "run_id": r.summary.get("run_id", ""), "gate": r.gate or "",
                        "gate_verdict": r.gate_verdict or "", "path": r.path}
@@ -202,8 +202,9 @@ def render_markdown(cells: list[Cell], common: dict[str, str], baseline: Cell, w
         "finite logged value; both fall back to summary.json when metrics.csv has no such column.",
         "- mean ± std over the completed seeds of a cell; std is the sample standard deviation (ddof=1), "
         "shown without ± for a single seed.",
-        "- tokens/s = mean of the logged perf/tokens_per_s values of each run (summary tokens_per_s when not "
-        "logged), then mean ± std over seeds.",
+        "- tokens/s = each run's summary tokens_per_s (training tokens over training-step time: validation, "
+        "checkpoints, logging and data loading excluded; the number its closing line printed), then mean ± std "
+        "over seeds.",
         "- vs baseline = cell mean final val/loss / baseline mean final val/loss.",
         "- cells.csv and runs.csv hold the same numbers at full precision.",
         "",
@@ -228,6 +229,8 @@ def write_report(runs: list[Run], out: Path, *, baseline_spec: str | None, withi
         from groundthink.reporting.plots import axis_filename, plot_axis, plot_val_loss
 
         p = plot_val_loss(cells, out / "val_loss.png")
+        if p is None:
+            print("note: no val_loss.png: no run logged val/loss", file=sys.stderr)
         written += [p] if p else []
         for key in axes:
             p = plot_axis(cells, key, axes, out / axis_filename(key))

@@ -2,7 +2,8 @@
 
 - `val_loss.png`: validation loss vs step, one colour per cell: the mean over the cell's completed seeds at
   the steps every seed logged, with a band of ± one std (a single seed: its line); failed runs as thin
-  dotted lines.
+  dotted lines. A curve of fewer than two points is drawn with markers (a line through one point is
+  invisible); a plot that would show nothing is not written, and the caller says so.
 - `axis_<key>.png`: mean final validation loss along one swept axis (x = the axis values, numeric axes on a
   numeric scale), one line per combination of the other axes, error bars = std over seeds.
 """
@@ -48,15 +49,19 @@ def plot_val_loss(cells: list[Cell], path: Path, metric: str = VAL_LOSS) -> Path
             if steps:
                 values = np.array([[c[s] for s in steps] for c in curves], dtype=np.float64)
                 mean = values.mean(axis=0)
-                ax.plot(steps, mean, color=color, label=f"{cell.label} (n={len(curves)})")
+                ax.plot(steps, mean, color=color, label=f"{cell.label} (n={len(curves)})",
+                        marker="o" if len(steps) < 2 else None)
                 if len(curves) > 1:
                     std = values.std(axis=0, ddof=1)
                     ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
         for r in cell.runs:
             if r.failed and r.series.get(metric):
                 s, v = zip(*r.series[metric])
-                ax.plot(s, v, color=color, linestyle=":", linewidth=1,
+                ax.plot(s, v, color=color, linestyle=":", linewidth=1, marker="x" if len(s) < 2 else None,
                         label=f"failed: {Path(r.name).name}")
+    if not ax.lines:
+        plt.close(fig)
+        return None
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs step (mean ± std over seeds)")

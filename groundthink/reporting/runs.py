@@ -10,7 +10,6 @@ Only the standard library and yaml are used here, so the CLI starts fast (no tor
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -20,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from groundthink.training.metrics_file import MetricsFileError
+from groundthink.training.metrics_file import read_metrics_csv as _read_metrics
 
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.csv")
 RUN_DIR_HELP = (
@@ -67,12 +69,15 @@ class Run:
             return min(finite) if finite else math.nan
         return _as_float(self.summary.get("best", {}).get(metric))
 
-    def mean_logged(self, metric: str, summary_key: str) -> float:
-        """Mean of the logged values of `metric`, else the summary's `summary_key`."""
-        finite = [v for _, v in self.series.get(metric, []) if math.isfinite(v)]
-        if finite:
-            return sum(finite) / len(finite)
-        return _as_float(self.summary.get(summary_key))
+    def tokens_per_s(self) -> float:
+        """The run's throughput as summary.json records it (training-step time only, the one definition:
+        groundthink.training.callbacks.Throughput); the mean of the logged perf/tokens_per_s windows for a run
+        without a summary value (e.g. read from W&B)."""
+        value = _as_float(self.summary.get("tokens_per_s"))
+        if math.isfinite(value):
+            return value
+        finite = [v for _, v in self.series.get("perf/tokens_per_s", []) if math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else math.nan
 
     def num_params(self) -> float:
         return _as_float(self.summary.get("num_params"))
@@ -123,39 +128,12 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def read_metrics_csv(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} in file order, empty cells skipped, 'nan' kept as nan.
-
-    A row shorter than the header (a file cut off mid-write) is read as far as it goes. Anything else that is
-    not a number raises CompareError naming the file, the line and the column.
-    """
-    path = Path(path)
+    """{metric: [(step, value), ...]} (groundthink.training.metrics_file, the one reader), its errors as
+    CompareError."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise CompareError(f"cannot read {path}: {exc}") from None
-    if not rows or not rows[0] or rows[0][0] != "step":
-        got = repr(rows[0][:1]) if rows and rows[0] else "an empty file"
-        raise CompareError(f"{path} is not a GroundThink metrics file: its first column must be 'step', "
-                           f"got {got}")
-    columns = rows[0][1:]
-    series: dict[str, list[tuple[int, float]]] = {c: [] for c in columns}
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not row:
-            continue
-        try:
-            step = int(float(row[0]))
-        except ValueError:
-            raise CompareError(f"{path}, line {line_no}: step {row[0]!r} is not a number") from None
-        for column, text in zip(columns, row[1:]):
-            if text == "":
-                continue
-            try:
-                series[column].append((step, float(text)))
-            except ValueError:
-                raise CompareError(
-                    f"{path}, line {line_no}, column {column!r}: {text!r} is not a number") from None
-    return series
+        return _read_metrics(path)
+    except MetricsFileError as exc:
+        raise CompareError(str(exc)) from None
 
 
 def read_overrides(path: Path) -> dict[str, str] | None:

@@ -1,34 +1,139 @@
-"""Training callbacks: periodic safetensors checkpoints with graceful SIGINT/SIGTERM, and throughput / MFU."""
+"""Training callbacks, in the order a run installs them (each step's hooks run in this order):
+
+1. `Throughput`: tokens/s and MFU over windows of steps, and for the whole run.
+2. the diagnostics (groundthink/training/diagnostics.py), which log into the step they measure.
+3. `StepMetrics`: the step's training metrics (loss, bits per byte, lr, ...) to every logger.
+4. `Validation`: held-out loss every N steps and after the last step.
+5. `Checkpointing`: safetensors checkpoints every N steps, at the end, and on SIGINT/SIGTERM.
+
+Because the checkpoint of step s is written last, after everything logged for step s (and the loggers are flushed
+first), a run killed at any moment and resumed from its newest checkpoint has every metrics row up to that step,
+and the rows after it are written again by the resumed run. Steps are 1-based (module docstring of module.py).
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 
-from groundthink.training.checkpoint import rotate_checkpoints
+from groundthink.training.checkpoint import link_checkpoint, rotate_checkpoints
 
 # Dense peak FLOP/s used for MFU when callbacks.throughput.peak_flops is null.
 # CPU: measured 1024^3 matmul on this project's 2-core build machines (reference/environment.md).
 DEFAULT_PEAK_FLOPS = {"cpu-32": 1.9e11, "cpu-bf16": 4.4e11, "cuda-32": 6.7e13, "cuda-bf16": 9.89e14}
 
 
-class CheckpointCallback(L.Callback):
-    """Writes `checkpoints/step_XXXXXXX.safetensors` every N steps and `last.safetensors` at the end.
+def completed_step(pl_module: L.LightningModule) -> int | None:
+    """The step that the batch just trained completed (its optimizer update ran), or None for a micro-batch
+    that only accumulated gradients."""
+    started = getattr(pl_module, "step_started", None)
+    return pl_module.global_step if started is not None and pl_module.global_step == started else None
+
+
+def log_metrics(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+    if metrics:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+
+class Throughput(L.Callback):
+    """Tokens per second of training-step time: forward, backward and optimizer update; data loading,
+    validation, checkpointing and logging are excluded. Logs `perf/tokens_per_s` and `perf/mfu` (6 · non-embedding
+    parameters · tokens/s over the peak FLOP/s) every N steps over the steps since the last log; `tokens_per_s`
+    (the whole run's, same definition) goes into summary.json and is what groundthink-compare shows."""
+
+    def __init__(self, every_n_steps: int, flops_params: int, peak_flops: float | None, precision: str) -> None:
+        self.every_n_steps = max(1, every_n_steps)
+        self.flops_per_token = 6.0 * flops_params
+        self.peak_flops = peak_flops
+        self.precision = precision
+        self._t_batch: float | None = None
+        self._window = [0, 0.0]  # tokens, seconds
+        self.run_tokens = 0
+        self.run_seconds = 0.0
+        self.first_step_end: float | None = None  # time.time() at the end of the first step of this invocation
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.run_tokens / self.run_seconds if self.run_seconds > 0 else None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.peak_flops is None:
+            self.peak_flops = default_peak_flops(pl_module.device.type, self.precision)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t_batch = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        seconds = time.perf_counter() - self._t_batch if self._t_batch is not None else 0.0
+        tokens = int(batch["input_ids"].numel()) * trainer.world_size
+        self._window[0] += tokens
+        self._window[1] += seconds
+        self.run_tokens += tokens
+        self.run_seconds += seconds
+        step = completed_step(pl_module)
+        if step is None:
+            return
+        if self.first_step_end is None:
+            self.first_step_end = time.time()
+        if step % self.every_n_steps == 0 and self._window[1] > 0:
+            rate = self._window[0] / self._window[1]
+            log_metrics(trainer, {"perf/tokens_per_s": rate, "perf/mfu": rate * self.flops_per_token
+                                  / float(self.peak_flops)}, step)
+            self._window = [0, 0.0]
+
+
+class StepMetrics(L.Callback):
+    """Logs the step's training metrics (`pl_module.step_metrics`) every N steps and at the last step."""
+
+    def __init__(self, every_n_steps: int, max_steps: int) -> None:
+        self.every_n_steps = max(1, every_n_steps)
+        self.max_steps = max_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = completed_step(pl_module)
+        if step is not None and (step % self.every_n_steps == 0 or step == self.max_steps):
+            log_metrics(trainer, pl_module.step_metrics, step)
+
+
+class Validation(L.Callback):
+    """Held-out loss (`LMTrainingModule.validate`) every N steps and after the last step, so the final val/loss
+    is never stale; every_n_steps 0 turns it off. Not run on a step that an interrupt ends."""
+
+    def __init__(self, every_n_steps: int, max_steps: int, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.every_n_steps = every_n_steps
+        self.max_steps = max_steps
+        self.batches = batches
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = completed_step(pl_module)
+        if step is None or not self.batches or self.every_n_steps <= 0 or trainer.received_sigterm:
+            return
+        if step % self.every_n_steps == 0 or step == self.max_steps:
+            log_metrics(trainer, pl_module.validate(self.batches), step)
+
+
+class Checkpointing(L.Callback):
+    """Writes `checkpoints/step_XXXXXXX.safetensors` every N steps, `last.safetensors` (a hard link to the newest
+    step file when they coincide) at the end and on an interrupt, after flushing the loggers.
 
     SIGINT (Ctrl+C) and SIGTERM finish the current step, write a checkpoint and stop; a second SIGINT aborts.
     Nothing is written after a failure, so the newest checkpoint on disk is always the last good one.
     """
 
-    def __init__(self, directory: Path, every_n_steps: int, keep: int) -> None:
+    def __init__(self, directory: Path, every_n_steps: int, keep: int, *,
+                 sigkill_after_step: int | None = None) -> None:
         self.directory = Path(directory)
         self.every_n_steps = every_n_steps
         self.keep = keep
+        self.sigkill_after_step = sigkill_after_step  # fault injection for the kill-after-save tests
         self.interrupted_by: str | None = None
+        self.saved_steps: list[int] = []
         self._previous_sigint = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -42,30 +147,42 @@ class CheckpointCallback(L.Callback):
 
         signal.signal(signal.SIGINT, on_sigint)
 
-    def save(self, trainer: L.Trainer, name: str) -> Path:
+    def _save(self, trainer: L.Trainer, name: str) -> Path:
+        for logger in trainer.loggers:  # the rows up to this step reach disk before the checkpoint does
+            flush = getattr(logger, "flush", None)
+            if callable(flush):
+                flush()
         path = self.directory / f"{name}.safetensors"
         trainer.save_checkpoint(path, weights_only=False)
         return path
 
+    def _save_step(self, trainer: L.Trainer, step: int, *, numbered: bool) -> None:
+        if numbered:
+            self._save(trainer, f"step_{step:07d}")
+            if trainer.is_global_zero:
+                link_checkpoint(self.directory, f"step_{step:07d}", "last")
+                rotate_checkpoints(self.directory, keep=self.keep)
+        else:
+            self._save(trainer, "last")
+        self.saved_steps.append(step)
+        if self.sigkill_after_step is not None and step == self.sigkill_after_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
+        step = completed_step(pl_module)
+        if step is None:
+            return
         if trainer.received_sigterm and self.interrupted_by is None:
             self.interrupted_by = "SIGTERM"
         if self.interrupted_by is not None:
-            self.save(trainer, "last")
+            self._save_step(trainer, step, numbered=False)
             trainer.should_stop = True
-            return
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0:
-            self.save(trainer, f"step_{step:07d}")
-            self.save(trainer, "last")
-            if trainer.is_global_zero:
-                rotate_checkpoints(self.directory, keep=self.keep)
+        elif self.every_n_steps > 0 and step % self.every_n_steps == 0:
+            self._save_step(trainer, step, numbered=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        last = self.directory / "last.json"
-        # Avoid a duplicate write when the final step was just checkpointed.
-        if not (last.exists() and _sidecar_step(last) == trainer.global_step):
-            self.save(trainer, "last")
+        if not self.saved_steps or self.saved_steps[-1] != trainer.global_step:
+            self._save_step(trainer, trainer.global_step, numbered=False)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_sigint is not None:
@@ -73,72 +190,15 @@ class CheckpointCallback(L.Callback):
             self._previous_sigint = None
 
 
-def _sidecar_step(path: Path) -> int | None:
-    import json
-
-    try:
-        return int(json.loads(path.read_text()).get("step"))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-class ThroughputCallback(L.Callback):
-    """Logs tokens/s (wall clock over the last N steps) and model FLOPs utilisation (6·params·tokens / peak)."""
-
-    def __init__(self, every_n_steps: int, num_params: int, peak_flops: float | None, precision: str) -> None:
-        self.every_n_steps = max(1, every_n_steps)
-        self.flops_per_token = 6.0 * num_params
-        self.peak_flops = peak_flops
-        self.precision = precision
-        self._t0: float | None = None
-        self._tokens = 0
-        self.tokens_per_s: float | None = None
-        self.total_tokens = 0
-        self.first_step_time: float | None = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.peak_flops is None:
-            kind = "cuda" if pl_module.device.type == "cuda" else "cpu"
-            self.peak_flops = DEFAULT_PEAK_FLOPS[f"{kind}-{'bf16' if 'bf16' in self.precision else '32'}"]
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.first_step_time is None:
-            self.first_step_time = time.time()
-        n = int(batch["input_ids"].numel()) * trainer.world_size
-        self._tokens += n
-        self.total_tokens += n
-        if trainer.global_step % self.every_n_steps == 0 and self._t0 is not None:
-            elapsed = time.perf_counter() - self._t0
-            if elapsed > 0:
-                self.tokens_per_s = self._tokens / elapsed
-                pl_module.log("perf/tokens_per_s", self.tokens_per_s)
-                pl_module.log("perf/mfu", self.tokens_per_s * self.flops_per_token / float(self.peak_flops))
-            self._t0 = time.perf_counter()
-            self._tokens = 0
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._pause = time.perf_counter()
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        # Validation time does not count against training throughput.
-        if self._t0 is not None:
-            self._t0 += time.perf_counter() - self._pause
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"total_tokens": self.total_tokens}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.total_tokens = int(state_dict.get("total_tokens", 0))
-
-
 def count_flops_params(model: torch.nn.Module) -> int:
-    """Parameters that cost FLOPs per token (the embedding lookup does not)."""
-    total = sum(p.numel() for p in model.parameters())
-    emb = getattr(model, "embedding", None)
-    if isinstance(emb, torch.nn.Embedding):
-        total -= emb.weight.numel()
+    """Parameters that cost FLOPs per token: all but the embedding table (a lookup). With tied embeddings the
+    shared matrix is the head's, so it counts once."""
+    total = sum(p.numel() for p in model.parameters())  # a tied matrix is one parameter, counted once
+    embed, head = getattr(model, "embed", None), getattr(model, "head", None)
+    if isinstance(embed, torch.nn.Embedding) and not (head is not None and head.weight is embed.weight):
+        total -= embed.weight.numel()
     return total
+
+
+def default_peak_flops(device_type: str, precision: str) -> float:
+    return DEFAULT_PEAK_FLOPS[f"{'cuda' if device_type == 'cuda' else 'cpu'}-{'bf16' if 'bf16' in precision else '32'}"]

@@ -8,9 +8,10 @@ A checkpoint named `<name>` is two files in one folder:
                          sha256 of the .safetensors file, meta_sha256 of the canonical meta JSON}, then the
                          caller's meta keys at top level (step, run_id, config, provenance, ...)
 
-Key layout used by `pack_training_state`: model weights under "model.", the optimizer state under "optim."
-(structure in meta["optimizer"]), the carried recurrent state under "state.", RNG states under "rng."
-(numpy/python generators in meta["rng"]).
+Training checkpoints (groundthink/training/lightning_io.py) store Lightning's whole checkpoint dict: its tensors
+flattened under their dotted paths (model weights under "state_dict.model.", optimizer moments under
+"optimizer_states.", the carried recurrent state under "carried_state.", RNG states under "rng."), and its
+structure as JSON in the sidecar's "lightning" entry.
 
 Saving writes both files to temporary names in the same folder, fsyncs them, then renames them over the final
 names, tensors first and the sidecar last; if the second rename fails, the previous tensors file is put back,
@@ -29,6 +30,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -414,22 +416,64 @@ def remove_checkpoint(path: str | os.PathLike) -> None:
             pass
 
 
-def rotate_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
-    """Keep `last` and the newest `keep` step_* checkpoints (keep < 0 keeps all); returns the removed paths.
-
-    Also removes temporary files left by saves that were killed more than an hour ago.
-    """
+def remove_stale_temp_files(directory: str | os.PathLike, older_than_s: float = 0.0) -> list[Path]:
+    """Delete the temporary files of saves that were killed (`.<name>.<ext>.tmp-*`) and are older than
+    `older_than_s`; returns them. A run calls it with 0 when it starts or resumes: it owns its folder then."""
     d = _checkpoint_dir(directory)
+    removed = []
     if not d.is_dir():
-        return []
+        return removed
     now = time.time()
     for p in d.iterdir():
         if p.name.startswith(".") and _TMP_MARK in p.name:
             try:
-                if now - p.stat().st_mtime > _STALE_TMP_S:
+                if now - p.stat().st_mtime >= older_than_s:
                     p.unlink()
+                    removed.append(p)
             except OSError:
                 pass
+    return removed
+
+
+def link_checkpoint(directory: str | os.PathLike, source: str, target: str) -> Path:
+    """Make checkpoint `target` the same as `source` without a second copy of the tensors: the tensors file is
+    hard-linked (copied where the file system has no hard links) and the sidecar rewritten with its own name, each
+    put in place atomically, tensors first, as save_checkpoint does."""
+    d = Path(directory)
+    src_tensors, src_sidecar = d / f"{source}.safetensors", d / f"{source}.json"
+    dst_tensors, dst_sidecar = d / f"{target}.safetensors", d / f"{target}.json"
+    token = secrets.token_hex(4)
+    tmp_tensors = d / f".{target}.safetensors{_TMP_MARK}{token}"
+    tmp_sidecar = d / f".{target}.json{_TMP_MARK}{token}"
+    try:
+        try:
+            os.link(src_tensors, tmp_tensors)
+        except OSError:
+            shutil.copy2(src_tensors, tmp_tensors)
+        sidecar = json.loads(src_sidecar.read_text(encoding="utf-8"))
+        sidecar["integrity"]["file"] = dst_tensors.name
+        _write_text_synced(tmp_sidecar, json.dumps(sidecar, indent=1, sort_keys=False) + "\n")
+        os.replace(tmp_tensors, dst_tensors)
+        os.replace(tmp_sidecar, dst_sidecar)
+        _fsync_dir(d)
+    except OSError as exc:
+        raise CheckpointError(_write_error_message(dst_tensors, exc)) from exc
+    finally:
+        for p in (tmp_tensors, tmp_sidecar):
+            _unlink_quietly(p)
+    return dst_tensors
+
+
+def rotate_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
+    """Keep `last` and the newest `keep` step_* checkpoints (keep < 0 keeps all); returns the removed paths.
+
+    Also removes temporary files left by saves that were killed more than an hour ago (another process may still
+    be writing younger ones).
+    """
+    d = _checkpoint_dir(directory)
+    if not d.is_dir():
+        return []
+    remove_stale_temp_files(d, older_than_s=_STALE_TMP_S)
     if keep < 0:
         return []
     steps = [p for p in list_checkpoints(d) if _STEP_RE.match(p.name)]
@@ -437,75 +481,6 @@ def rotate_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
     for p in removed:
         remove_checkpoint(p)
     return removed
-
-
-_T, _TUPLE = "__tensor__", "__tuple__"
-
-
-def _encode(x: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(x, torch.Tensor):
-        tensors[key] = x
-        return {_T: key}
-    if isinstance(x, tuple):
-        return {_TUPLE: [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(x)]}
-    if isinstance(x, list):
-        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(x)]
-    if isinstance(x, dict):
-        if not all(isinstance(k, str) for k in x):
-            raise ValueError(f"optimizer state at '{key}' has non-string keys: {list(x)[:5]}")
-        return {k: _encode(v, f"{key}.{k}", tensors) for k, v in x.items()}
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    raise ValueError(
-        f"optimizer state at '{key}' holds a {type(x).__name__}, which a checkpoint cannot store"
-    )
-
-
-def _decode(x: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(x, dict):
-        if set(x) == {_T}:
-            if x[_T] not in tensors:
-                raise CheckpointError(
-                    f"optimizer state refers to tensor '{x[_T]}', which is not in the checkpoint"
-                )
-            return tensors[x[_T]]
-        if set(x) == {_TUPLE}:
-            return tuple(_decode(v, tensors) for v in x[_TUPLE])
-        return {k: _decode(v, tensors) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_decode(v, tensors) for v in x]
-    return x
-
-
-def flatten_optimizer_state(
-    opt_state_dict: Mapping[str, Any], prefix: str = "optim."
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """`optimizer.state_dict()` -> (tensors under `prefix`, JSON meta); inverse: `unflatten_optimizer_state`.
-
-    Per-parameter state (exp_avg, exp_avg_sq, step, ...) becomes `<prefix>state.<param_id>.<name>`;
-    param_groups (lr, betas as a tuple, eps, weight_decay, params, initial_lr, ...) stay in the JSON meta.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    state = [[pid, _encode(s, f"{prefix}state.{pid}", tensors)] for pid, s in opt_state_dict["state"].items()]
-    groups = [
-        _encode(g, f"{prefix}param_groups.{i}", tensors) for i, g in enumerate(opt_state_dict["param_groups"])
-    ]
-    extra = {
-        k: _encode(v, f"{prefix}{k}", tensors)
-        for k, v in opt_state_dict.items()
-        if k not in ("state", "param_groups")
-    }
-    return tensors, {"state": state, "param_groups": groups, "extra": extra}
-
-
-def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Rebuild the `optimizer.state_dict()` that `flatten_optimizer_state` took apart."""
-    out: dict[str, Any] = {
-        "state": {pid: _decode(s, tensors) for pid, s in meta["state"]},
-        "param_groups": [_decode(g, tensors) for g in meta["param_groups"]],
-    }
-    out.update({k: _decode(v, tensors) for k, v in meta.get("extra", {}).items()})
-    return out
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -559,58 +534,3 @@ def restore_rng_state(rng: Mapping[str, Any]) -> None:
     if pyst is not None:
         version, internal, gauss = pyst
         random.setstate((int(version), tuple(int(v) for v in internal), gauss))
-
-
-def pack_training_state(
-    *,
-    model: Mapping[str, torch.Tensor] | None = None,
-    optimizer: Mapping[str, Any] | None = None,
-    carried: Mapping[str, torch.Tensor] | None = None,
-    rng: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, meta) in the checkpoint layout: "model.", "optim.", "state.", "rng." keys; meta holds the
-    optimizer structure under "optimizer" and the numpy/python RNG under "rng". Merge `meta` into your own."""
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {}
-    if model is not None:
-        tensors.update({f"model.{k}": v for k, v in model.items()})
-    if optimizer is not None:
-        opt_tensors, meta["optimizer"] = flatten_optimizer_state(optimizer, prefix="optim.")
-        tensors.update(opt_tensors)
-    if carried is not None:
-        tensors.update({f"state.{k}": v for k, v in carried.items()})
-    if rng is not None:
-        if rng.get("torch") is not None:
-            tensors["rng.torch"] = rng["torch"]
-        for i, s in enumerate(rng.get("cuda") or []):
-            tensors[f"rng.cuda.{i}"] = s
-        meta["rng"] = {
-            "numpy": rng.get("numpy"),
-            "python": rng.get("python"),
-            "cuda_devices": len(rng.get("cuda") or []),
-        }
-    return tensors, meta
-
-
-def unpack_training_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of `pack_training_state`: {"model", "optimizer", "carried", "rng"} (None where absent)."""
-
-    def strip(prefix: str) -> dict[str, torch.Tensor] | None:
-        part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        return part or None
-
-    rng = None
-    if "rng" in meta:
-        r = meta["rng"]
-        rng = {
-            "torch": tensors.get("rng.torch"),
-            "cuda": [tensors[f"rng.cuda.{i}"] for i in range(int(r.get("cuda_devices", 0)))],
-            "numpy": r.get("numpy"),
-            "python": r.get("python"),
-        }
-    return {
-        "model": strip("model."),
-        "optimizer": unflatten_optimizer_state(tensors, meta["optimizer"]) if "optimizer" in meta else None,
-        "carried": strip("state."),
-        "rng": rng,
-    }

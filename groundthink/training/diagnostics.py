@@ -1,7 +1,7 @@
 """Training diagnostics: component gradient norms, recurrent-state health and output entropy, every N steps.
 
 Three Lightning callbacks, built from the `diagnostics` config group by `build_diagnostics`. Each runs on the
-optimizer steps s with (s + 1) % every_n_steps == 0 (so its values land in the same metrics.csv rows as
+(1-based) optimizer steps s with s % every_n_steps == 0 (so its values land in the same metrics.csv rows as
 train/loss when every_n_steps is a multiple of trainer.log_every_n_steps) and costs nothing on the other steps:
 no hook is installed, no tensor kept, no extra forward. every_n_steps: 0 turns one off (it is not even built).
 Values go straight to the trainer's loggers (metrics.csv and W&B) at the step being measured, independent of
@@ -9,17 +9,20 @@ trainer.log_every_n_steps. Alerts are `DiagnosticWarning`s, raised once when a v
 only after it has come back (no spam while it stays out).
 
 Metrics (definitions of the state and entropy measures: groundthink/evaluation/state_metrics.py):
-- `diag/grad_norm/<component>`: L2 norm of the gradients of a component's parameters (rwkv, mamba, attention,
-  ffn, embed_head, norm_other: HybridLM.component_of), before clipping; `diag/grad_norm/total` over all;
-  `diag/grad_ratio_rwkv_mamba` = rwkv / mamba norm (hybrid models), alert outside `ratio_band` (SPEC: [0.1, 10]);
+- `diag/grad_norm/<component>`: L2 norm of the gradients of a component's parameters (one component per mixer
+  branch, e.g. rwkv, mamba, attention, gla, then ffn, embed_head, norm_other: HybridLM.component_of), before
+  clipping; `diag/grad_norm/total` over all; `diag/grad_ratio_<a>_<b>` = the norm of the hybrid block's first
+  branch over its second (e.g. `diag/grad_ratio_rwkv_mamba`), alert outside `ratio_band` (SPEC: [0.1, 10]);
   `diag/grad_norm/in_band` = 1 when the total is inside `total_band`, else 0 (alert on leaving it). A NaN/Inf
   gradient stops the run with a NonFiniteLossError naming the parameter and its component (`stop_on_non_finite`).
-- `diag/state/L<i>/<rwkv|mamba>/<cos|svd_top5|entropy|saturation|norm>` per recurrent layer i, from the state
+- `diag/state/L<i>/<branch>/<cos|svd_top5|entropy|saturation|norm>` per recurrent layer i and branch, from the state
   carried out of step s against the one carried into it: cosine similarity per head, mean over heads and the
   lanes that did not restart a document in step s (>= `frozen_cos` alerts: the state no longer changes); top-k
   singular-value energy and spectral entropy (mean over the first `max_lanes` lanes and the heads); decay
-  saturation during step s's forward; mean Frobenius norm per lane. A non-finite carried state alerts, naming
-  the layer and branch.
+  saturation during step s's forward; mean Frobenius norm per lane, alert at `max_norm` or above (the research
+  plan's state-explosion check: carried-state norms should stay below 10; with StateNorm the norm is fixed by
+  construction, so the alert is off and the direction change (cos) is what matters). A non-finite carried state
+  alerts, naming the layer and branch.
 - `diag/output_entropy`: mean predictive entropy (nats) of step s's logits at positions with a target; alert
   below `collapse_below` (SPEC: 0.3).
 """
@@ -28,7 +31,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import lightning as L
@@ -45,18 +49,62 @@ from groundthink.evaluation.state_metrics import (
     state_cosine,
     top_k_energy,
 )
+from groundthink.training.callbacks import log_metrics
 from groundthink.training.module import NonFiniteLossError
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "grad_norms": {
-        "every_n_steps": 50,
-        "ratio_band": [0.1, 10.0],
-        "total_band": [0.5, 1.5],
-        "stop_on_non_finite": True,
-    },
-    "state": {"every_n_steps": 50, "top_k": 5, "saturation_eps": 1.0e-3, "frozen_cos": 0.99, "max_lanes": 4},
-    "entropy": {"every_n_steps": 50, "collapse_below": 0.3, "max_positions": 4096},
-}
+
+@dataclass
+class GradNormSettings:
+    every_n_steps: int = 50
+    ratio_band: list[float] = field(default_factory=lambda: [0.1, 10.0])  # hybrid branch gradient ratio band
+    total_band: list[float] = field(default_factory=lambda: [0.5, 1.5])  # total norm (before clipping) band
+    stop_on_non_finite: bool = True  # a NaN/Inf gradient stops the run naming the parameter; false = alert
+
+
+@dataclass
+class StateSettings:
+    every_n_steps: int = 50
+    top_k: int = 5  # singular values counted by svd_top<k> (G3.5 reads svd_top5)
+    saturation_eps: float = 1.0e-3  # a decay a_t is saturated when a_t > 1 - eps or a_t < eps
+    frozen_cos: float = 0.99  # alert when a layer's cosine to the previous step's state reaches this
+    max_norm: float = 10.0  # alert when a layer's carried-state norm reaches this (off with StateNorm)
+    max_lanes: int | None = 4  # batch lanes whose state matrices are decomposed (SVD cost); null = all
+
+
+@dataclass
+class EntropySettings:
+    every_n_steps: int = 50
+    collapse_below: float = 0.3  # alert below this entropy (SPEC §3: collapse)
+    max_positions: int | None = 4096  # predicted positions used (bounds memory with a large vocabulary)
+
+
+@dataclass
+class DiagnosticsSettings:
+    """The `diagnostics` config group; every_n_steps: 0 turns one diagnostic off, enabled: false all of them."""
+
+    enabled: bool = True
+    grad_norms: GradNormSettings = field(default_factory=GradNormSettings)
+    state: StateSettings = field(default_factory=StateSettings)
+    entropy: EntropySettings = field(default_factory=EntropySettings)
+
+    @classmethod
+    def from_dict(cls, given: Mapping[str, Any]) -> DiagnosticsSettings:
+        """From a plain dict (partial); unknown keys are an error naming them and the known ones, so a typo does
+        not silently turn a check off."""
+        sections = {f.name: f.type for f in fields(cls) if f.name != "enabled"}
+        unknown = sorted(set(given) - set(sections) - {"enabled"})
+        if unknown:
+            raise ValueError(f"diagnostics: unknown section(s) {unknown}; known: enabled, {', '.join(sections)}")
+        kwargs: dict[str, Any] = {"enabled": bool(given.get("enabled", True))}
+        for name, default in ((f.name, f.default_factory) for f in fields(cls) if f.name != "enabled"):
+            section_cls = type(default())
+            known = [f.name for f in fields(section_cls)]
+            part = dict(given.get(name) or {})
+            bad = sorted(set(part) - set(known))
+            if bad:
+                raise ValueError(f"diagnostics.{name}: unknown key(s) {bad}; known: {', '.join(known)}")
+            kwargs[name] = section_cls(**part)
+        return cls(**kwargs)
 
 
 class DiagnosticWarning(UserWarning):
@@ -64,8 +112,8 @@ class DiagnosticWarning(UserWarning):
 
 
 def is_due(step: int, every_n_steps: int) -> bool:
-    """True on the optimizer steps a diagnostic with this period measures (0-based step s, (s+1) % N == 0)."""
-    return every_n_steps > 0 and (step + 1) % every_n_steps == 0
+    """True on the (1-based) optimizer steps a diagnostic with this period measures: s % N == 0."""
+    return every_n_steps > 0 and step % every_n_steps == 0
 
 
 class _Alerts:
@@ -83,12 +131,6 @@ class _Alerts:
             warnings.warn_explicit(f"step {step}: {message}", DiagnosticWarning, "groundthink diagnostics", 0)
         elif not bad:
             self.active.discard(key)
-
-
-def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
-    if metrics:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
 
 
 def _band(value: Iterable[float], name: str) -> tuple[float, float]:
@@ -112,7 +154,7 @@ def component_grad_norms(named_params: Iterable[tuple[str, torch.nn.Parameter]],
 
 
 class GradientNormDiagnostics(L.Callback):
-    """Per-component gradient norms (before clipping), the RWKV/Mamba ratio and a total-norm band check."""
+    """Per-component gradient norms (before clipping), the hybrid branches' ratio and a total-norm band check."""
 
     def __init__(
         self,
@@ -129,7 +171,7 @@ class GradientNormDiagnostics(L.Callback):
         self.alerts = _Alerts()
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        step = trainer.global_step
+        step = trainer.global_step + 1  # the step whose update is about to be applied
         if not is_due(step, self.every_n_steps):
             return
         model = pl_module.model
@@ -157,18 +199,20 @@ class GradientNormDiagnostics(L.Callback):
         self.alerts.update(
             "total", not in_band, step, f"total gradient norm {norms['total']:.3g} left the band [{low:g}, {high:g}]"
         )
-        if "rwkv" in norms and "mamba" in norms:
-            ratio = norms["rwkv"] / norms["mamba"] if norms["mamba"] > 0 else math.inf
-            metrics["diag/grad_ratio_rwkv_mamba"] = ratio
+        pair = model.hybrid_branches()
+        if pair is not None and all(b in norms for b in pair):
+            first, second = pair
+            ratio = norms[first] / norms[second] if norms[second] > 0 else math.inf
+            metrics[f"diag/grad_ratio_{first}_{second}"] = ratio
             low, high = self.ratio_band
             self.alerts.update(
                 "ratio",
                 not low <= ratio <= high,
                 step,
-                f"RWKV/Mamba gradient-norm ratio {ratio:.3g} left the band [{low:g}, {high:g}] "
-                f"(rwkv {norms['rwkv']:.3g}, mamba {norms['mamba']:.3g}): one branch dominates the learning",
+                f"{first}/{second} gradient-norm ratio {ratio:.3g} left the band [{low:g}, {high:g}] "
+                f"({first} {norms[first]:.3g}, {second} {norms[second]:.3g}): one branch dominates the learning",
             )
-        _log(trainer, metrics, step)
+        log_metrics(trainer, metrics, step)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,6 +227,7 @@ class StateHealthDiagnostics(L.Callback):
         top_k: int = 5,
         saturation_eps: float = 1e-3,
         frozen_cos: float = 0.99,
+        max_norm: float = 10.0,
         max_lanes: int | None = 4,
     ) -> None:
         if int(top_k) < 1:
@@ -191,14 +236,19 @@ class StateHealthDiagnostics(L.Callback):
         self.top_k = int(top_k)
         self.saturation_eps = float(saturation_eps)
         self.frozen_cos = float(frozen_cos)
+        self.max_norm = float(max_norm)
         self.max_lanes = int(max_lanes) if max_lanes else None
+        self.norm_alert = True  # off for models whose StateNorm fixes the norm (on_fit_start)
         self.alerts = _Alerts()
         self._step: int | None = None
         self._before = None
         self._saturation: DecaySaturation | None = None
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.norm_alert = not getattr(getattr(pl_module.model, "cfg", None), "state_norm", False)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        step = trainer.global_step
+        step = trainer.global_step + 1
         if not is_due(step, self.every_n_steps) or self._step == step:  # once per step, also with accumulation
             return
         self._step = step
@@ -216,13 +266,14 @@ class StateHealthDiagnostics(L.Callback):
             return
         keep = ~batch["reset"].to(torch.bool).cpu()
         metrics = self.measure(after, before, keep, saturation.fractions(), self._step)
-        _log(trainer, metrics, self._step)
+        log_metrics(trainer, metrics, self._step)
 
     def measure(self, after, before, keep: torch.Tensor | None, saturation: dict, step: int) -> dict[str, float]:
         """The metrics of one carried state `after` (and the `before` it continued from, may be None)."""
         metrics: dict[str, float] = {}
         previous = {(i, b): s for i, b, s in recurrent_states(before)} if before is not None else {}
         frozen: list[str] = []
+        exploding: list[str] = []
         for i, branch, state in recurrent_states(after):
             prefix = f"diag/state/L{i}/{branch}"
             if not torch.isfinite(state).all():
@@ -235,6 +286,8 @@ class StateHealthDiagnostics(L.Callback):
             metrics[f"{prefix}/svd_top{self.top_k}"] = float(top_k_energy(singular, self.top_k).nanmean())
             metrics[f"{prefix}/entropy"] = float(spectral_entropy(singular).nanmean())
             metrics[f"{prefix}/norm"] = float(lane_norm(state).mean())
+            if metrics[f"{prefix}/norm"] >= self.max_norm:
+                exploding.append(f"L{i}/{branch} ({metrics[f'{prefix}/norm']:.3g})")
             if (i, branch) in saturation:
                 metrics[f"{prefix}/saturation"] = saturation[(i, branch)]
             old = previous.get((i, branch))
@@ -250,6 +303,10 @@ class StateHealthDiagnostics(L.Callback):
         self.alerts.update("frozen", bool(frozen), step,
                            f"recurrent state frozen (cosine to the previous step >= {self.frozen_cos}): "
                            + ", ".join(frozen))
+        if self.norm_alert:
+            self.alerts.update("exploding", bool(exploding), step,
+                               f"carried-state norm at or above {self.max_norm:g} (state explosion): "
+                               + ", ".join(exploding))
         return metrics
 
     def _cleanup(self) -> None:
@@ -277,7 +334,7 @@ class OutputEntropyDiagnostics(L.Callback):
         self._step: int | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        step = trainer.global_step
+        step = trainer.global_step + 1
         if is_due(step, self.every_n_steps) and self._step != step:  # once per step, also with accumulation
             self._step = step
             pl_module.capture_outputs = True
@@ -295,7 +352,7 @@ class OutputEntropyDiagnostics(L.Callback):
             "collapse", value < self.collapse_below, self._step,
             f"output entropy {value:.3f} nats is below {self.collapse_below} (the predictions are collapsing)",
         )
-        _log(trainer, {"diag/output_entropy": value}, self._step)
+        log_metrics(trainer, {"diag/output_entropy": value}, self._step)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         pl_module.capture_outputs = False
@@ -310,38 +367,24 @@ _BUILDERS = {
 }
 
 
-def resolve_diagnostics(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The settings of each diagnostic: DEFAULTS overlaid with `cfg` (the diagnostics config group as a dict).
-
-    Unknown keys are an error that names them and the known ones, so a typo does not silently turn a check off.
-    """
-    unknown = sorted(set(cfg) - set(_BUILDERS) - {"enabled"})
-    if unknown:
-        raise ValueError(f"diagnostics: unknown section(s) {unknown}; known: enabled, {', '.join(_BUILDERS)}")
-    settings = {}
-    for section, defaults in DEFAULTS.items():
-        given = cfg.get(section) or {}
-        bad = sorted(set(given) - set(defaults))
-        if bad:
-            raise ValueError(f"diagnostics.{section}: unknown key(s) {bad}; known: {', '.join(defaults)}")
-        settings[section] = {**defaults, **given}
-    return settings
-
-
-def build_diagnostics(cfg: dict[str, Any], model: torch.nn.Module | None = None) -> list[L.Callback]:
-    """The diagnostic callbacks that `cfg` turns on (none when `enabled` is false or every_n_steps is 0).
+def build_diagnostics(settings: DiagnosticsSettings | Mapping[str, Any],
+                      model: torch.nn.Module | None = None) -> list[L.Callback]:
+    """The diagnostic callbacks that `settings` turns on (none when `enabled` is false or every_n_steps is 0).
 
     With `model` given, state health is skipped for a model without a recurrent layer (nothing to measure).
     """
-    if not cfg.get("enabled", False):
+    if not isinstance(settings, DiagnosticsSettings):
+        settings = DiagnosticsSettings.from_dict(settings)
+    if not settings.enabled:
         return []
     callbacks: list[L.Callback] = []
-    for section, settings in resolve_diagnostics(cfg).items():
-        every = int(settings.pop("every_n_steps") or 0)
+    for section, builder in _BUILDERS.items():
+        options = {f.name: getattr(getattr(settings, section), f.name) for f in fields(getattr(settings, section))}
+        every = int(options.pop("every_n_steps") or 0)
         if every < 0:
             raise ValueError(f"diagnostics.{section}.every_n_steps={every} must be >= 0 (0 = off)")
         if section == "state" and model is not None and not has_recurrent_layer(model):
             continue
         if every > 0:
-            callbacks.append(_BUILDERS[section](every, **settings))
+            callbacks.append(builder(every, **options))
     return callbacks

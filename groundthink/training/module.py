@@ -4,6 +4,12 @@ Truncated BPTT: the recurrent state of every layer (WKV and SSM states, token-sh
 window) is carried from one batch to the next and detached at the boundary; a lane whose batch starts a new
 document gets a fresh (h0) state. The carried state, the data position and the RNG states go into every
 checkpoint, so a resumed run continues bit for bit.
+
+Steps are counted from 1 everywhere a user sees them: step s is the s-th optimizer step; its training loss, the
+validation after it, its diagnostics and the checkpoint written after it all carry the number s
+(`current_step` while it runs). The module leaves the step's metrics in `step_metrics`; the callbacks in
+groundthink/training/callbacks.py log them, validate and checkpoint, in that order, so a checkpoint is written
+only after everything logged for its step.
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -21,30 +26,11 @@ import torch.nn.functional as F
 from groundthink.models import HybridLM, LMState
 from groundthink.training.checkpoint import capture_rng_state, restore_rng_state
 from groundthink.training.schedules import warmup_cosine
+from groundthink.training.settings import FaultSettings, OptimSettings
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf; the message names the step and the first component that went non-finite."""
-
-
-@dataclass(frozen=True)
-class OptimSettings:
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    entropy_coef: float = 0.0
-
-
-@dataclass(frozen=True)
-class FaultSettings:
-    """Deliberate faults for the failure-handling tests (all None in real runs)."""
-
-    nan_at_step: int | None = None
-    sigterm_at_step: int | None = None
-    raise_at_step: int | None = None
 
 
 class LMTrainingModule(L.LightningModule):
@@ -54,26 +40,34 @@ class LMTrainingModule(L.LightningModule):
         *,
         optim: OptimSettings,
         max_steps: int,
-        token_bytes: torch.Tensor,
-        faults: FaultSettings = FaultSettings(),
+        token_bytes: torch.Tensor | None,
+        faults: FaultSettings | None = None,
         run_meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.optim = optim
         self.max_steps = max_steps
-        self.faults = faults
+        self.faults = faults or FaultSettings()
         # Bytes of text behind each token id (0 for control tokens): turns nats per token into bits per byte.
-        self.register_buffer("token_bytes", token_bytes.float(), persistent=False)
+        self.has_bytes = token_bytes is not None
+        bytes_per_id = token_bytes if token_bytes is not None else torch.zeros(model.cfg.vocab_size)
+        self.register_buffer("token_bytes", bytes_per_id.float(), persistent=False)
         self.run_meta = run_meta if run_meta is not None else {}
         self.carried: LMState | None = None
+        self.step_metrics: dict[str, float] = {}
+        self.val_metrics: dict[str, float] = {}  # the latest validation's, for the checkpoint sidecar
         # Diagnostics callbacks set `capture_outputs` before a step they want to inspect; the step then leaves
         # its detached logits, labels and the state it started from in `last_outputs`.
         self.capture_outputs = False
         self.last_outputs: dict[str, Any] | None = None
         self.trained_position: dict[str, Any] | None = None
-        self._val_state: LMState | None = None
-        self._val_sums = torch.zeros(3, dtype=torch.float64)
+        self.step_started: int | None = None  # the step the current batch belongs to (callbacks.completed_step)
+
+    @property
+    def current_step(self) -> int:
+        """The 1-based number of the optimizer step being trained (global_step counts the completed ones)."""
+        return self.global_step + 1
 
     # ----- state handling -------------------------------------------------------------------------------
     def _state_for(self, batch: dict[str, torch.Tensor], carried: LMState | None) -> LMState:
@@ -103,6 +97,7 @@ class LMTrainingModule(L.LightningModule):
 
     # ----- training -------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.step_started = self.current_step
         self._inject_faults()
         state = self._state_for(batch, self.carried)
         logits, new_state = self.model(batch["input_ids"], state)
@@ -113,74 +108,77 @@ class LMTrainingModule(L.LightningModule):
             self.last_outputs = {"logits": logits.detach(), "labels": batch["labels"], "state_before": state.detach()}
         self.carried = new_state.detach()
         self.trained_position = batch.get("stream_position")
-        tokens = batch["input_ids"].numel()
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=tokens)
+        metrics = {"train/loss": float(loss.detach())}
         if stats["bytes"] > 0:
-            bpb = stats["nats"] / math.log(2) / stats["bytes"]
-            self.log("train/bpb", bpb, batch_size=tokens)
+            metrics["train/bpb"] = float(stats["nats"] / math.log(2) / stats["bytes"])
         if "entropy" in stats:
-            self.log("train/entropy", stats["entropy"], batch_size=tokens)
-        self.log("train/seq_len", float(batch["input_ids"].shape[1]), batch_size=tokens)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=tokens)
+            metrics["train/entropy"] = float(stats["entropy"])
+        metrics["train/seq_len"] = float(batch["input_ids"].shape[1])
+        metrics["train/lr"] = float(self.optimizers().param_groups[0]["lr"])
+        self.step_metrics = metrics
+        self.log("train/loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch["input_ids"].numel())
         return loss
 
     def _inject_faults(self) -> None:
-        step = self.global_step
-        if self.faults.nan_at_step is not None and step == self.faults.nan_at_step:
-            name, param = next((n, p) for n, p in self.model.named_parameters() if "mamba" in n or "rwkv" in n)
+        step, faults = self.current_step, self.faults
+        if faults.nan_at_step is not None and step == faults.nan_at_step:
+            name, param = next((n, p) for n, p in self.model.named_parameters()
+                               if self.model.component_of(n) in self.model.mixer_components())
             with torch.no_grad():
                 param.fill_(float("nan"))
-        if self.faults.sigterm_at_step is not None and step == self.faults.sigterm_at_step:
+        if faults.sigterm_at_step is not None and step == faults.sigterm_at_step:
             os.kill(os.getpid(), signal.SIGTERM)
-        if self.faults.raise_at_step is not None and step == self.faults.raise_at_step:
+        if faults.raise_at_step is not None and step == faults.raise_at_step:
             raise RuntimeError(f"deliberate failure at step {step} (faults.raise_at_step)")
 
     @torch.no_grad()
     def _describe_non_finite(self, batch: dict[str, Any], state: LMState, loss: torch.Tensor) -> str:
-        where = f"The loss became {loss.item()} at step {self.global_step}"
+        where = f"The loss became {loss.item()} at step {self.current_step}"
         bad_params = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if bad_params:
             culprit = f"parameter '{bad_params[0]}' ({self.model.component_of(bad_params[0])}) is non-finite"
         else:
-            culprit = self._first_non_finite_module(batch, state)
-        return (
-            f"{where}: {culprit}. The run stopped; its last good checkpoint is kept in the run folder. "
-            "Try a lower optim.lr, trainer.precision=32-true, or a smaller model.gamma_init."
-        )
+            culprit = first_non_finite_module(self.model, batch["input_ids"], state)
+        return f"{where}: {culprit}"
 
-    def _first_non_finite_module(self, batch: dict[str, Any], state: LMState) -> str:
-        return first_non_finite_module(self.model, batch["input_ids"], state)
-
-    # ----- validation -----------------------------------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self._val_state = None
-        self._val_sums = torch.zeros(3, dtype=torch.float64)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        state = self._state_for(batch, self._val_state)
-        logits, self._val_state = self.model(batch["input_ids"], state)
-        _, stats = self._loss(logits, batch["labels"])
-        self._val_sums += torch.stack([stats["nats"], stats["tokens"], stats["bytes"]]).double().cpu()
-
-    def on_validation_epoch_end(self) -> None:
-        sums = self._val_sums.to(self.device)
-        if self.trainer.world_size > 1:
-            sums = self.all_gather(sums).sum(0)
+    # ----- validation (run by groundthink.training.callbacks.Validation) --------------------------------
+    @torch.no_grad()
+    def validate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """val/loss, val/ppl and val/bpb over held-out batches read lane by lane with carried state (h0 at a
+        document start). Under data parallelism each rank reads every world_size-th batch and the sums are
+        all-reduced. Empty when there is nothing to predict."""
+        was_training = self.model.training
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        state = None
+        rank, world = self.global_rank, self.trainer.world_size if self._trainer is not None else 1
+        try:
+            for batch in batches[rank::world]:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                state = self._state_for(batch, state)
+                logits, state = self.model(batch["input_ids"], state)
+                _, stats = self._loss(logits, batch["labels"])
+                sums += torch.stack([stats["nats"], stats["tokens"], stats["bytes"]]).double().cpu()
+        finally:
+            self.model.train(was_training)
+        if world > 1:
+            sums = self.all_gather(sums.to(self.device)).sum(0).cpu()
         nats, tokens, nbytes = (float(x) for x in sums)
         if tokens == 0:
-            return
+            return {}
         loss = nats / tokens
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", math.exp(min(loss, 50.0)))
+        metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
         if nbytes > 0:
-            self.log("val/bpb", nats / math.log(2) / nbytes)
-        self._val_state = None
+            metrics["val/bpb"] = nats / math.log(2) / nbytes
+        self.val_metrics = metrics
+        return metrics
 
     # ----- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self):
         opt = self.optim
         optimizer = torch.optim.AdamW(
-            self.model.param_groups(opt.weight_decay), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps
+            self.model.param_groups(opt.weight_decay, lora_weight_decay=opt.lora_weight_decay),
+            lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
         )
 
         def lr_lambda(step: int) -> float:
@@ -193,13 +191,10 @@ class LMTrainingModule(L.LightningModule):
 
     # ----- checkpoint content ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        metrics = {
-            k: float(v) for k, v in self.trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
-        }
         checkpoint["groundthink"] = {
             **self.run_meta,
             "step": self.global_step,
-            "metrics": metrics,
+            "metrics": {**self.step_metrics, **self.val_metrics},
             "data_position": self.trained_position,
         }
         if self.carried is not None:

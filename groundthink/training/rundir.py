@@ -1,7 +1,8 @@
-"""Run identifiers and run folders: `outputs/<experiment>/<YYYY-MM-DD_HH-MM-SS>_<run_id>`.
+"""Run identifiers and output folders: runs live in `outputs/<name>/<YYYY-MM-DD_HH-MM-SS>_<run_id>`
+(hydra_support.py names them for Hydra).
 
 The run id is 8 hex digits from os.urandom, so jobs started in the same second (a Hydra multirun, SLURM
-arrays) never share a folder; the folder is created with exist_ok=False as a second guard. `ensure_writable`
+arrays) never share a folder. `ensure_writable`
 checks an output folder before any training starts, so a read-only or full disk fails in the first second, not
 at the first checkpoint.
 """
@@ -12,8 +13,7 @@ import errno
 import os
 import shutil
 import tempfile
-from datetime import datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 DEFAULT_MIN_FREE_BYTES = 64 * 2**20
 _PROBE_BYTES = 4096
@@ -26,36 +26,6 @@ class RunDirError(RuntimeError):
 def new_run_id() -> str:
     """8 lowercase hex digits from os.urandom (32 bits: ~1e-4 chance of any repeat among 1000 ids)."""
     return os.urandom(4).hex()
-
-
-def make_run_dir(
-    root: str | os.PathLike, experiment: str, run_id: str | None = None, now: datetime | None = None
-) -> Path:
-    """Create and return `<root>/<experiment>/<YYYY-MM-DD_HH-MM-SS>_<run_id>` (local time).
-
-    `experiment` may contain '/' for nested groups but no '..' or absolute paths. Raises RunDirError when the
-    folder already exists (never reuses another run's folder) or cannot be created.
-    """
-    parts = PurePosixPath(experiment).parts
-    if not experiment or PurePosixPath(experiment).is_absolute() or ".." in parts:
-        raise RunDirError(
-            f"experiment name {experiment!r} must be a relative name like 'ablate_gamma' "
-            "(no '..', not absolute)"
-        )
-    run_id = run_id or new_run_id()
-    stamp = (now or datetime.now()).strftime("%Y-%m-%d_%H-%M-%S")
-    run_dir = Path(root).joinpath(*parts, f"{stamp}_{run_id}")
-    try:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        run_dir.mkdir(exist_ok=False)
-    except FileExistsError:
-        raise RunDirError(
-            f"run folder {run_dir} already exists; refusing to write into another run's folder "
-            "(use a new run id, or resume=<that folder> to continue it)"
-        ) from None
-    except OSError as exc:
-        raise RunDirError(_unwritable_message(Path(root), exc)) from exc
-    return run_dir
 
 
 def _unwritable_message(directory: Path, exc: OSError) -> str:

@@ -188,13 +188,17 @@ def make_wandb_logger(
     return logger
 
 
-def finish_wandb(status_ok: bool) -> None:
+def finish_wandb(status_ok: bool) -> int | None:
     """Close the active W&B run (if any) with exit code 0 or 1, so a failed job shows as failed and the next
-    multirun job starts a fresh run. Errors while finishing are logged, never raised."""
+    multirun job starts a fresh run; returns the exit code it was finished with (None when there was no run or
+    finishing failed). Errors while finishing are logged, never raised."""
     wandb = sys.modules.get("wandb")
-    if wandb is None:
-        return
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return None
+    code = 0 if status_ok else 1
     try:
-        wandb.finish(exit_code=0 if status_ok else 1)
+        wandb.finish(exit_code=code)
     except Exception as exc:  # noqa: BLE001 - the training result must not be lost to a logging failure
         log.warning("wandb.finish failed: %s", exc)
+        return None
+    return code

@@ -1,0 +1,224 @@
+"""Data sources for training: each is a settings dataclass (the `data` config group's schema for that source) and a
+`prepare` that turns it into what a run trains on, registered by name in DATA_SOURCES.
+
+    data=embedded                    English text that ships with Python (the default; no download)
+    data=file data.path=x.txt        local .txt / .jsonl / folder, through `datasets`
+    data=hub data.hub_name=org/name  a Hugging Face hub dataset (needs network)
+    data=mixture                     a weighted mixture of the above
+
+A source's `prepare(settings, tokenizer, seed=..., tokenizer_dir=..., reuse_tokenizer=...)` returns PreparedData:
+the tokenizer (built, or reloaded from the run folder on resume, and saved there), the vocabulary size the model
+must have, a factory for each data-parallel rank's training stream (an object with `next_batch(seq_len)`,
+`state_dict()` and `load_state_dict()`, like `TBPTTStream`), the fixed validation batches, the bytes behind each
+token id (for bits per byte) and the held-out texts (for gates and evaluation). Every problem is raised as a
+DataError before any training starts. A new source = its settings dataclass + a class with `prepare` registered
+with `@register_source`, its `conf/data/<name>.yaml` and its test.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from groundthink.data.errors import DataError
+
+
+@dataclass
+class TokenizerSettings:
+    """The `tokenizer` config group: `kind` char (bytes + control tokens, 264 ids) or bpe (trained on the run's
+    training documents); vocab_size: null for char (its size is fixed), the target size for bpe."""
+
+    kind: str = "char"
+    vocab_size: int | None = None
+
+
+@dataclass
+class DataSettings:
+    """Settings every source shares: the batch shape, the sequence-length curriculum and validation size."""
+
+    source: str = "embedded"
+    batch_size: int = 16  # batch lanes, each a continuous stream
+    seq_len: int = 128  # tokens per lane per step (the TBPTT segment)
+    # Sequence-length curriculum: [[start_step, seq_len], ...], e.g. [[0, 64], [500, 128]]; empty = seq_len.
+    curriculum: list[list[int]] = field(default_factory=list)
+    val_batches: int = 8  # held-out batches per validation
+
+
+@dataclass
+class TextDataSettings(DataSettings):
+    """Text sources: documents split into train/validation by document, tokenized, streamed in lanes."""
+
+    max_documents: int | None = None  # read at most this many documents (null = all)
+    val_fraction: float = 0.05  # share of documents held out for validation
+
+
+@dataclass
+class FileDataSettings(TextDataSettings):
+    source: str = "file"
+    path: str = "???"  # a .txt/.md/.jsonl/.json file or a folder of them
+    text_field: str = "text"  # the field of JSON records that holds the text (chat records: "messages")
+
+
+@dataclass
+class HubDataSettings(TextDataSettings):
+    source: str = "hub"
+    hub_name: str = "???"  # e.g. HuggingFaceFW/fineweb-edu
+    text_field: str = "text"
+    max_documents: int | None = 20000
+
+
+@dataclass
+class MixtureDataSettings(TextDataSettings):
+    source: str = "mixture"
+    # [{source: hub, hub_name: ..., weight: 0.6}, ...]: each entry's share of the documents is its weight
+    mixture: list[dict[str, Any]] = field(default_factory=list)
+    max_documents: int | None = 30000
+
+
+@dataclass
+class PreparedData:
+    """What a run trains on (see the module docstring)."""
+
+    tokenizer: Any  # groundthink.data.Tokenizer, or None for sources that produce token ids directly
+    vocab_size: int
+    make_train_stream: Callable[[int, int], Any]  # (rank, world_size) -> that rank's training stream
+    val_batches: list[dict[str, Any]]
+    token_bytes: Any  # float tensor [vocab]: UTF-8 bytes behind each id (0 for control ids), or None
+    val_texts: list[str] = field(default_factory=list)
+    description: str = ""  # one line for the run's banner, e.g. "1.07M training tokens"
+    pad_id: int = 0
+
+
+class DataSource:
+    """Base of the registered sources: `name`, its `Settings` dataclass, and `prepare`."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[DataSettings]]
+
+    def prepare(self, settings: DataSettings, tokenizer: TokenizerSettings, *, seed: int,
+                tokenizer_dir: Path | None = None, reuse_tokenizer: bool = False) -> PreparedData:
+        raise NotImplementedError
+
+
+DATA_SOURCES: dict[str, type[DataSource]] = {}
+
+
+def register_source(cls: type[DataSource]) -> type[DataSource]:
+    DATA_SOURCES[cls.name] = cls
+    return cls
+
+
+def prepare_data(settings: DataSettings, tokenizer: TokenizerSettings, **kwargs: Any) -> PreparedData:
+    """Dispatch to the source named by `settings.source` (see DataSource.prepare for the keyword arguments)."""
+    if settings.source not in DATA_SOURCES:
+        raise DataError(f"data.source={settings.source!r} is not a data source; registered: {sorted(DATA_SOURCES)}")
+    return DATA_SOURCES[settings.source]().prepare(settings, tokenizer, **kwargs)
+
+
+class TextSource(DataSource):
+    """A source of documents: split, tokenize (char or a BPE trained on the training split), stream in lanes."""
+
+    Settings = TextDataSettings
+    document_fields: ClassVar[tuple[str, ...]] = ()  # settings passed on to corpus.load_documents
+
+    def documents(self, settings: Any) -> list[str]:
+        from groundthink.data.corpus import load_documents
+
+        extra = {name: getattr(settings, name) for name in self.document_fields}
+        return load_documents(self.name, max_documents=settings.max_documents, **extra)
+
+    def prepare(self, settings: Any, tokenizer: TokenizerSettings, *, seed: int,
+                tokenizer_dir: Path | None = None, reuse_tokenizer: bool = False) -> PreparedData:
+        import torch
+
+        from groundthink.data.corpus import split_documents
+        from groundthink.data.stream import TBPTTStream, encode_documents
+        from groundthink.data.tokenizer import Tokenizer, build_tokenizer
+        from groundthink.training.schedules import Curriculum
+
+        curriculum = Curriculum(settings.curriculum, settings.seq_len)
+        _check_positive("data.batch_size", settings.batch_size)
+        _check_positive("data.val_batches", settings.val_batches)
+        train_texts, val_texts = split_documents(self.documents(settings), settings.val_fraction, seed=seed)
+        if reuse_tokenizer and tokenizer_dir is not None and tokenizer_dir.exists():
+            tok = Tokenizer.load(tokenizer_dir)
+        else:
+            tok = build_tokenizer(tokenizer.kind, train_texts, tokenizer.vocab_size)
+            if tokenizer_dir is not None:
+                tok.save(tokenizer_dir)
+        train_ids = encode_documents(tok, train_texts)
+        val_ids = encode_documents(tok, val_texts) if val_texts else None
+        needed = settings.batch_size * curriculum.max_seq_len
+        if train_ids.num_tokens < needed:
+            raise DataError(
+                f"the training split holds {train_ids.num_tokens} tokens, fewer than one batch needs "
+                f"(data.batch_size {settings.batch_size} x seq_len {curriculum.max_seq_len} = {needed}): training "
+                "would repeat the same few tokens. Use more data, or a smaller data.batch_size / data.seq_len."
+            )
+        val_batches: list[dict[str, Any]] = []
+        if val_ids is None:
+            warnings.warn("the validation split is empty (data.val_fraction=0?): no val/loss will be logged",
+                          UserWarning, stacklevel=2)
+        else:
+            val_stream = TBPTTStream(val_ids, batch_size=settings.batch_size, pad_id=tok.pad_id, seed=seed)
+            val_batches = list(val_stream.validation_batches(settings.seq_len, settings.val_batches))
+            if val_ids.num_tokens < settings.batch_size * settings.seq_len:
+                warnings.warn(
+                    f"the validation split holds only {val_ids.num_tokens} tokens (less than one batch of "
+                    f"{settings.batch_size} x {settings.seq_len}): val/loss will be noisy; raise data.val_fraction "
+                    "or add data", UserWarning, stacklevel=2)
+
+        def make_train_stream(rank: int, world: int) -> TBPTTStream:
+            # Each data-parallel rank streams its own share of the documents.
+            docs = train_ids[rank::world] if world > 1 else train_ids
+            return TBPTTStream(docs, batch_size=settings.batch_size, pad_id=tok.pad_id, seed=seed + rank)
+
+        return PreparedData(
+            tokenizer=tok,
+            vocab_size=tok.vocab_size,
+            make_train_stream=make_train_stream,
+            val_batches=val_batches,
+            token_bytes=torch.tensor(tok.token_byte_lengths(), dtype=torch.float32),
+            val_texts=val_texts,
+            description=f"{train_ids.num_tokens / 1e6:.2f}M training tokens",
+            pad_id=tok.pad_id,
+        )
+
+
+@register_source
+class EmbeddedSource(TextSource):
+    name = "embedded"
+
+
+@register_source
+class FileSource(TextSource):
+    name = "file"
+    Settings = FileDataSettings
+    document_fields = ("path", "text_field")
+
+
+@register_source
+class HubSource(TextSource):
+    name = "hub"
+    Settings = HubDataSettings
+    document_fields = ("hub_name", "text_field")
+
+
+@register_source
+class MixtureSource(TextSource):
+    name = "mixture"
+    Settings = MixtureDataSettings
+
+    def documents(self, settings: MixtureDataSettings) -> list[str]:
+        from groundthink.data.corpus import load_mixture
+
+        specs = [(dict(entry), float(entry.get("weight", 1.0))) for entry in settings.mixture]
+        return load_mixture(specs, total_docs=settings.max_documents, seed=0)
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DataError(f"{name}={value!r} must be a positive integer")

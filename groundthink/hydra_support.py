@@ -1,0 +1,152 @@
+"""What GroundThink's Hydra entry points share: run-folder resolvers, the job a task function runs as, resuming a
+run's saved config, and checks of the command line that must happen before Hydra creates any folder.
+
+Only entry points import this module (it imports Hydra).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from groundthink.training.run import UserError
+from groundthink.training.rundir import RunDirError, ensure_writable, new_run_id
+
+_PROCESS_RUN_ID = new_run_id()
+_PROCESS_TIME = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+# Keys whose changes a resumed run refuses (they decide what the saved run is) or ignores (where it lives).
+_RESUME_IGNORED = ("paths.output_root",)
+
+
+def _run_dir_resolver(root: str, name: str, resume: Any) -> str:
+    """hydra.run.dir: a fresh unique folder, or the folder of the run being resumed."""
+    if resume not in (None, "null", "None", ""):
+        return str(resume)
+    return f"{root}/{name}/{_PROCESS_TIME}_{_PROCESS_RUN_ID}"
+
+
+def override_slug(override_dirname: str) -> str:
+    """A job folder name from its overrides (the job number in front keeps it unique); long ones are cut at a
+    whole override and end in '...' (the full list is in the job's .hydra/overrides.yaml). Only characters that
+    need no quoting in a shell are kept."""
+    slug = re.sub(r"[^A-Za-z0-9_.=,+-]+", "-", override_dirname).strip("-") or "base"
+    if len(slug) > 80:
+        head = slug[:77]
+        slug = (head.rsplit(",", 1)[0] if "," in head else head) + "..."
+    return slug
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("gt_run_dir"):
+        OmegaConf.register_new_resolver("gt_run_dir", _run_dir_resolver)
+    if not OmegaConf.has_resolver("gt_override_slug"):
+        OmegaConf.register_new_resolver("gt_override_slug", override_slug)
+
+
+@dataclass
+class Job:
+    """The Hydra job a task function runs as."""
+
+    run_dir: Path
+    multirun: bool
+    overrides: list[str]
+    group: str  # the W&B group: the run's name, or <name>-<sweep folder> in a multirun
+    started: float  # when this job began: the command for a single run, the job's launch in a multirun
+
+
+def current_job(name: str) -> Job:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    group = f"{name}-{Path(str(hydra_cfg.sweep.dir)).name}" if multirun else name
+    started = time.time() if multirun else float(os.environ.get("GROUNDTHINK_T0", time.time()))
+    return Job(Path(hydra_cfg.runtime.output_dir), multirun, list(hydra_cfg.overrides.task), group, started)
+
+
+def resume_config(cfg: DictConfig, job: Job) -> DictConfig:
+    """The saved config of the run being resumed, with this command's other field overrides applied on top."""
+    run_dir = job.run_dir
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise UserError(f"resume={cfg.resume}: no config.yaml in that folder, so it is not a GroundThink run folder. "
+                        "Pass the folder printed at the end of a run (outputs/<name>/<date>_<time>_<id>).")
+    saved = OmegaConf.load(saved_path)
+    original = set()
+    if (run_dir / ".hydra" / "overrides.yaml").is_file():
+        original = set(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))
+    for override in (o for o in job.overrides if not o.startswith("resume=") and o not in original):
+        key, _, value = override.partition("=")
+        if key.startswith("hydra.") or key in _RESUME_IGNORED:
+            continue
+        if "." not in key.lstrip("+~"):
+            raise UserError(f"resume: the override '{override}' changes a config group; a resumed run keeps the "
+                            "groups it was started with. Start a new run instead, or override individual fields "
+                            "(e.g. trainer.max_steps=...).")
+        import yaml
+
+        OmegaConf.update(saved, key.lstrip("+"), yaml.safe_load(value) if value != "" else None, force_add=True)
+    saved.resume = str(run_dir)
+    return saved
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+    """Check and adjust the command line before Hydra creates folders: the output folder must be writable, a
+    `resume=` folder must exist (then its path is quoted for Hydra's parser, so a sweep job's folder such as
+    `0_model.gamma_init=0.01,seed=1` works pasted as printed), and a resumed run's Hydra record goes beside its
+    original one. Raises UserError (or RunDirError) with the message to print."""
+    out = []
+    for arg in argv:
+        if arg.startswith("resume=") and arg not in ("resume=null", "resume="):
+            path = arg.split("=", 1)[1]
+            if path[:1] in ("'", '"') and path[-1:] == path[:1]:
+                path = path[1:-1]
+            if not Path(path).is_dir():
+                raise UserError(f"resume={path}: that folder does not exist. Pass the run folder printed at the end "
+                                "of a run (outputs/<name>/<date>_<time>_<id>); nothing was created.")
+            arg = "resume='" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            out.append(f"hydra.output_subdir=.hydra/resume-{_PROCESS_TIME}")
+        out.append(arg)
+    root = next((a.split("=", 1)[1] for a in argv if a.startswith("paths.output_root=")), None)
+    ensure_writable(Path(root or os.environ.get("GROUNDTHINK_OUTPUT_ROOT", "outputs")))
+    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
+    if run_dir:
+        _check_creatable(Path(run_dir))
+    return out
+
+
+def _check_creatable(path: Path) -> None:
+    """The nearest existing ancestor of `path` must be a writable folder (nothing is created here)."""
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"output folder {path} cannot be created: {parent} is not writable. Choose a writable "
+                          "location with hydra.run.dir=... or paths.output_root=/path/with/space.")
+
+
+def run_entry(hydra_entry: Any, config_dir: str) -> None:
+    """Run a Hydra-decorated entry with GroundThink's command-line checks and unknown-key hints."""
+    os.environ.setdefault("GROUNDTHINK_T0", str(time.time()))
+    from groundthink.cli_checks import explain_override_errors
+
+    try:
+        sys.argv[1:] = prepare_argv(sys.argv[1:])
+    except (UserError, RunDirError) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    try:
+        hydra_entry()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            explain_override_errors(sys.argv[1:], config_dir)
+        raise

@@ -1,0 +1,96 @@
+"""Hydra structured configs for `groundthink-train`, made from the settings dataclasses (the one place defaults are
+written), and registered in Hydra's ConfigStore. Only the entry points import this module.
+
+- `groundthink_train`: the root schema that conf/config.yaml starts from: every group's type and defaults, so a
+  YAML file holds only what differs, an unknown key or a wrong type (`trainer.max_steps=abc`) is refused while the
+  config is composed, naming the key, the value and the type, before any run folder exists.
+- `model/<preset>`: the model presets of groundthink.models.presets (`model=small`, `model=8m`, ...).
+- `schema/data/<source>`: each registered data source's settings; `conf/data/<source>.yaml` starts from it.
+
+The model schema is generated from ModelConfig with one typed field per registered mixer under `mixers`, so
+`model.mixers.rwkv6.n_heads=8` is checked like any other field and a new mixer needs no edit here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from groundthink.data.sources import DATA_SOURCES, TokenizerSettings
+from groundthink.mixers import MIXERS
+from groundthink.models.config import ModelConfig
+from groundthink.models.presets import PRESETS, preset
+from groundthink.training.diagnostics import DiagnosticsSettings
+from groundthink.training.settings import (
+    CallbackSettings,
+    FaultSettings,
+    LoggerSettings,
+    OptimSettings,
+    PathSettings,
+    TrainerSettings,
+)
+
+
+def _model_schema() -> type:
+    mixers = make_dataclass(
+        "MixerSettings", [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in MIXERS.items()]
+    )
+    hints = typing.get_type_hints(ModelConfig)
+    fields = []
+    for f in dataclasses.fields(ModelConfig):
+        if f.name == "mixers":
+            fields.append(("mixers", mixers, field(default_factory=mixers)))
+        elif f.default_factory is not dataclasses.MISSING:
+            fields.append((f.name, hints[f.name], field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, hints[f.name], field(default=f.default)))
+    return make_dataclass("ModelSchema", fields)
+
+
+ModelSchema = _model_schema()
+
+
+@dataclass
+class TrainConfig:
+    """The root of groundthink-train's config (conf/config.yaml lists the group choices on top of it)."""
+
+    model: ModelSchema = field(default_factory=ModelSchema)  # type: ignore[valid-type]
+    tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
+    data: Any = None  # the chosen source's settings (schema/data/<source>)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    logger: LoggerSettings = field(default_factory=LoggerSettings)
+    callbacks: CallbackSettings = field(default_factory=CallbackSettings)
+    diagnostics: DiagnosticsSettings = field(default_factory=DiagnosticsSettings)
+    paths: PathSettings = field(default_factory=PathSettings)
+    gate: Any = None  # a gate run's criteria (conf/gate/*.yaml), checked by groundthink.gates
+    # A short name for what this run is about: it names the folder under outputs/ and the W&B group.
+    name: str = "default"
+    seed: int = 1234
+    tags: list[str] = field(default_factory=list)
+    # Continue a run from its last good checkpoint: `resume=outputs/default/2026-11-24_07-00-00_1a2b3c4d`.
+    resume: str | None = None
+    faults: FaultSettings = field(default_factory=FaultSettings)
+
+
+def preset_node(name: str) -> Any:
+    """A model preset as a ModelSchema instance (every field, nested mixer settings included)."""
+    values = dataclasses.asdict(preset(name))
+    mixers = values.pop("mixers")
+    node = ModelSchema(**values)
+    node.mixers = type(node.mixers)(**{k: MIXERS[k].Config(**v) for k, v in mixers.items()})
+    return node
+
+
+def register() -> None:
+    """Put the schema, the model presets and the data-source schemas into Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="groundthink_train", node=TrainConfig)
+    for name in PRESETS:
+        cs.store(group="model", name=name, node=preset_node(name))
+    for name, source in DATA_SOURCES.items():
+        cs.store(group="schema/data", name=name, node=source.Settings)

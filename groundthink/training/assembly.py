@@ -1,0 +1,92 @@
+"""Assembling a training run from its settings: the loggers, the callbacks (in the order they must run) and the
+Lightning Trainer. Each function takes the settings objects it needs (groundthink/training/settings.py), never the
+whole config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from groundthink.training.settings import (
+    CallbackSettings,
+    FaultSettings,
+    LoggerSettings,
+    OptimSettings,
+    TrainerSettings,
+)
+
+
+def build_loggers(run_dir: Path, logger: LoggerSettings, *, resume_step: int | None, wandb_mode: str, name: str,
+                  group: str, tags: list[str], config: dict[str, Any], wandb_run_id: str) -> list[Any]:
+    """metrics.csv always; W&B unless its mode is "disabled"."""
+    from groundthink.training.metrics_logger import CSVMetricsLogger
+    from groundthink.training.wandb_setup import make_wandb_logger
+
+    loggers: list[Any] = [CSVMetricsLogger(run_dir, resume_step=resume_step)]
+    if wandb_mode != "disabled":
+        loggers.append(make_wandb_logger(
+            run_dir, project=logger.wandb.project, entity=logger.wandb.entity, name=name, group=group, tags=tags,
+            job_type=logger.wandb.job_type, config=config, run_id=wandb_run_id, mode=wandb_mode,
+        ))
+    return loggers
+
+
+def build_callbacks(callbacks: CallbackSettings, trainer: TrainerSettings, faults: FaultSettings, *,
+                    checkpoint_dir: Path, val_batches: list[dict[str, Any]], diagnostics: list[Any],
+                    flops_params: int) -> dict[str, Any]:
+    """{"throughput", "checkpointing", "all"}: the callbacks in hook order (see groundthink/training/callbacks.py)."""
+    from groundthink.training.callbacks import Checkpointing, StepMetrics, Throughput, Validation
+
+    throughput = Throughput(callbacks.throughput.every_n_steps, flops_params, callbacks.throughput.peak_flops,
+                            trainer.precision)
+    checkpointing = Checkpointing(checkpoint_dir, callbacks.checkpoint.every_n_steps, callbacks.checkpoint.keep,
+                                  sigkill_after_step=faults.sigkill_after_checkpoint_at_step)
+    ordered: list[Any] = [
+        throughput,
+        *diagnostics,
+        StepMetrics(trainer.log_every_n_steps, trainer.max_steps),
+        Validation(trainer.val_every_n_steps, trainer.max_steps, val_batches),
+        checkpointing,
+    ]
+    if callbacks.progress_bar:
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        ordered.append(TQDMProgressBar(refresh_rate=max(1, trainer.log_every_n_steps)))
+    return {"throughput": throughput, "checkpointing": checkpointing, "all": ordered}
+
+
+def build_trainer(trainer: TrainerSettings, optim: OptimSettings, *, loggers: list[Any], callbacks: list[Any],
+                  run_dir: Path, progress_bar: bool) -> Any:
+    """The Lightning Trainer. Validation is the Validation callback's (Lightning's own loop is off), checkpoints the
+    Checkpointing callback's, written through SafetensorsCheckpointIO (never pickle)."""
+    import lightning as L
+
+    from groundthink.training.lightning_io import SafetensorsCheckpointIO
+
+    return L.Trainer(
+        max_steps=trainer.max_steps,
+        accelerator=trainer.accelerator,
+        devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
+        strategy=trainer.strategy,
+        precision=trainer.precision,
+        deterministic=trainer.deterministic,
+        gradient_clip_val=optim.grad_clip or None,
+        accumulate_grad_batches=trainer.accumulate_grad_batches,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=loggers,
+        callbacks=callbacks,
+        plugins=[SafetensorsCheckpointIO()],
+        enable_checkpointing=False,
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+    )
+
+
+def compile_blocks(model: Any) -> None:
+    """trainer.compile: torch.compile each block in place (regional compilation: one graph per block type, so the
+    compile time does not grow with depth the way compiling the whole model does)."""
+    for block in model.blocks:
+        block.compile()
