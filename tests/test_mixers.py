@@ -133,7 +133,7 @@ RECURRENT = [name for name, cls in REGISTRY.items() if hasattr(build(name), "sta
 def test_state_norm_normalises_at_absolute_positions(name):
     module = build(name, "state_norm_h0")
     interval, groups = module.state_norm_interval, module.state_norm_groups
-    key = "wkv" if "wkv" in module.init_state(1, "cpu") else "ssm"
+    key = type(module).recurrent_state[0]  # the state the mixer declares (StateNorm normalises it)
     _, state = module(inputs(2 * interval), position=0)  # ends on a multiple of the interval
     grouped = state[key].reshape(*state[key].shape[:2], groups, -1)
     assert torch.allclose(grouped.pow(2).mean(-1), torch.ones(()), atol=1e-3)
