@@ -10,6 +10,7 @@ in tests/test_mixers.py pick every registered entry up.
 from groundthink.mixers.attention import SlidingWindowAttention
 from groundthink.mixers.base import MIXERS, LayerContext, SequenceMixer, mixer_for_branch, mixer_for_letter
 from groundthink.mixers.channel_mix import RWKVChannelMix, SwiGLU
+from groundthink.mixers.gla import GatedLinearAttention
 from groundthink.mixers.mamba2 import Mamba2
 from groundthink.mixers.rwkv6 import RWKV6TimeMix
 
@@ -20,6 +21,7 @@ FFNS: dict[str, type] = {
 
 __all__ = [
     "FFNS",
+    "GatedLinearAttention",
     "MIXERS",
     "LayerContext",
     "Mamba2",
