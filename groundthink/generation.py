@@ -47,8 +47,8 @@ class SamplingParams:
     """How to continue a prompt. temperature 0 = greedy; top_k None and top_p 1.0 = no truncation.
 
     logprobs: None = none reported; n >= 0 = the chosen token's log-probability plus the n most likely
-    alternatives at each step. stop: strings that end the text (not included in it); stop_token_ids: ids that
-    end it (the model's end-of-text ids do too unless ignore_eos).
+    alternatives at each step (all of them when n exceeds the vocabulary). stop: strings that end the text (not
+    included in it); stop_token_ids: ids that end it (the model's end-of-text ids do too unless ignore_eos).
     """
 
     max_tokens: int = 256
@@ -78,8 +78,6 @@ class SamplingParams:
             raise GenerationError(f"top_p={self.top_p!r} must be in (0, 1] (1 = no nucleus truncation)")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise GenerationError(f"logprobs={self.logprobs!r} must be an integer >= 0 (top alternatives), or None")
-        if vocab_size is not None and self.logprobs is not None and self.logprobs > vocab_size:
-            raise GenerationError(f"logprobs={self.logprobs} exceeds the vocabulary size {vocab_size}")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise GenerationError(f"stop={list(self.stop)!r}: every stop sequence must be a non-empty string")
         if vocab_size is not None:

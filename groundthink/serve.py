@@ -6,7 +6,8 @@
 Endpoints (the OpenAI API's shapes, as vLLM and llama.cpp's server also give them):
 - `GET /v1/models`: the one model served (its name: --model-name, default the run id).
 - `POST /v1/completions`: `prompt` (a string, a list of strings, or token ids), `max_tokens` (default 16),
-  `temperature`, `top_p`, `top_k` (an extension vLLM also takes), `stop`, `seed`, `n`, `logprobs` (0-20:
+  `temperature`, `top_p`, `top_k` (an extension vLLM also takes), `stop`, `seed`, `n`, `logprobs` (0-20, or up to
+  --max-logprobs:
   the chosen token's log-probability plus that many alternatives per token, with `tokens`, `token_logprobs`,
   `top_logprobs`, `text_offset`), `echo` (the prompt comes back in front, with its tokens' log-probabilities
   when logprobs is set; with max_tokens 0 this scores a text), `stream` (server-sent events); `usage` counts
@@ -34,7 +35,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # OpenAI's limit; --max-logprobs raises it (vLLM's max_logprobs does the same)
 MAX_N = 16
 
 
@@ -64,8 +65,10 @@ class Service:
     """The endpoints' logic, independent of HTTP (unit-testable)."""
 
     def __init__(self, engine, *, model_name: str, max_tokens_limit: int = 16384, owner: str = "groundthink",
-                 end_of_turn_id: int | None = None, describe: dict[str, Any] | None = None) -> None:
+                 end_of_turn_id: int | None = None, describe: dict[str, Any] | None = None,
+                 max_logprobs: int = MAX_LOGPROBS) -> None:
         self.engine = engine
+        self.max_logprobs = max_logprobs
         self.model_name = model_name
         self.max_tokens_limit = max_tokens_limit
         self.owner = owner
@@ -149,8 +152,9 @@ class Service:
     def completions(self, body: dict[str, Any]) -> dict[str, Any]:
         self._check_model(body)
         logprobs = _get(body, "logprobs", int, None)
-        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-            raise APIError(400, f"'logprobs'={logprobs} must be between 0 and {MAX_LOGPROBS}", param="logprobs")
+        if logprobs is not None and not 0 <= logprobs <= self.max_logprobs:
+            raise APIError(400, f"'logprobs'={logprobs} must be between 0 and {self.max_logprobs} "
+                                f"(--max-logprobs)", param="logprobs")
         params = self._sampling(body, logprobs=logprobs)
         echo = _get(body, "echo", bool, False)
         n = self._n(body)
@@ -233,8 +237,9 @@ class Service:
         ids = self._chat_prompt(body)
         want = _get(body, "logprobs", bool, False)
         top_n = _get(body, "top_logprobs", int, 0) if want else None
-        if top_n is not None and not 0 <= top_n <= MAX_LOGPROBS:
-            raise APIError(400, f"'top_logprobs'={top_n} must be between 0 and {MAX_LOGPROBS}", param="top_logprobs")
+        if top_n is not None and not 0 <= top_n <= self.max_logprobs:
+            raise APIError(400, f"'top_logprobs'={top_n} must be between 0 and {self.max_logprobs} "
+                                f"(--max-logprobs)", param="top_logprobs")
         stop_ids = (self.end_of_turn_id,) if self.end_of_turn_id is not None else ()
         params = self._sampling(body, max_key="max_completion_tokens", logprobs=top_n, stop_ids=stop_ids)
         n = self._n(body)
@@ -369,7 +374,7 @@ def _chain(first, rest):
 
 
 def build_service(run_path: str, *, device: str = "cpu", dtype: str | None = None, model_name: str | None = None,
-                  max_tokens_limit: int = 16384) -> Service:
+                  max_tokens_limit: int = 16384, max_logprobs: int = MAX_LOGPROBS) -> Service:
     import torch
 
     import groundthink
@@ -384,7 +389,7 @@ def build_service(run_path: str, *, device: str = "cpu", dtype: str | None = Non
     name = model_name or loaded.run_id or loaded.checkpoint.stem
     describe = {"checkpoint": str(loaded.checkpoint), "checkpoint_sha256": loaded.checkpoint_sha256,
                 "step": loaded.step, "params": loaded.model.num_params(), "tokenizer": loaded.tokenizer.kind}
-    return Service(engine, model_name=name, max_tokens_limit=max_tokens_limit,
+    return Service(engine, model_name=name, max_tokens_limit=max_tokens_limit, max_logprobs=max_logprobs,
                    end_of_turn_id=loaded.tokenizer.control_ids[END_OF_TURN_TOKEN], describe=describe)
 
 
@@ -399,6 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as saved)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--max-tokens-limit", type=int, default=16384, help="largest max_tokens a request may ask")
+    parser.add_argument("--max-logprobs", type=int, default=MAX_LOGPROBS,
+                        help=f"most alternatives per token a request may ask (default {MAX_LOGPROBS}, as OpenAI)")
     args = parser.parse_args(argv)
 
     import groundthink
@@ -409,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         service = build_service(args.run, device=args.device, dtype=args.dtype, model_name=args.model_name,
-                                max_tokens_limit=args.max_tokens_limit)
+                                max_tokens_limit=args.max_tokens_limit, max_logprobs=args.max_logprobs)
     except (groundthink.LoadError, AttributeError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

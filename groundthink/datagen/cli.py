@@ -164,13 +164,16 @@ def run(cfg: DictConfig) -> int:
                 + "\n  ".join(changes[:12])
                 + "\nUse another name= for a new dataset, or allow_recipe_change=true to continue anyway")
         invocations = list(previous.get("invocations") or [])
+        for earlier in invocations:
+            if earlier.get("status") == "running":
+                earlier["status"] = "died"  # it never recorded an end: killed (e.g. SIGKILL) or crashed
         invocation: dict[str, Any] = {"started_utc": utc_now(), "status": "running", "count": config["count"],
                                       "argv": sys.argv[1:]}
         invocations.append(invocation)
         (out_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-        repairs = [r.__dict__ for s in ctx.stores for r in s.repairs]
+        repairs = [rejects.repair.__dict__] if rejects.repair else []
         if rejects.repair:
-            repairs.append(rejects.repair.__dict__)
+            print(f"repaired a torn last line in {rejects.repair.path}", file=sys.stderr)
 
         def manifest(extra: dict[str, Any]) -> None:
             write_manifest(out_dir, {"name": config["name"], "pipeline": pipeline_kind, "recipe": this_recipe,
@@ -216,8 +219,6 @@ def run(cfg: DictConfig) -> int:
         manifest({"status": invocation["status"], "guard": guard,
                   "qc": {"verdict": qc_result["verdict"], "failed": qc_result["failed"]} if qc_result else None,
                   "counts": _counts(out_dir)})
-        for repair in repairs:
-            print(f"repaired a torn last line in {repair['path']} ({repair['torn_bytes']} bytes cut)", file=sys.stderr)
         if message:
             print(f"\n{message}", file=sys.stderr)
         print(_closing(out_dir, invocation, qc_result, rejects), file=sys.stderr, flush=True)

@@ -136,9 +136,9 @@ def evaluate(target: str | Path, qc: dict[str, Any]) -> dict[str, Any]:
     delimiters = [d for d in (qc.get("delimiters") or []) if d]
     if target.is_dir():
         data_files = sorted((target / "data").glob("*.jsonl"))
-        if not data_files:
-            raise QCError(f"{target} holds no data/*.jsonl: it is not a groundthink-datagen run folder with output "
-                          f"yet (pass the folder the run printed, or one JSONL file)")
+        if not data_files and not (target / "manifest.json").is_file():
+            raise QCError(f"{target} holds no data/*.jsonl and no manifest.json: it is not a groundthink-datagen run "
+                          f"folder (pass the folder the run printed, or one JSONL file)")
         phase_files = sorted((target / "phases").glob("*.jsonl"))
         every_file = data_files + phase_files + ([target / "rejects.jsonl"] if (target / "rejects.jsonl").exists()
                                                  else [])

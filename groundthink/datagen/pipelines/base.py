@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,9 @@ class RunContext:
             if store.directory == self.out_dir / subdir and store.stem == stem:
                 return store
         store = ShardedStore(self.out_dir / subdir, stem, shard_size=self.shard_size).open()
+        for repair in store.repairs:
+            print(f"repaired a torn last line in {repair.path} ({repair.torn_bytes} bytes cut; that record is "
+                  f"made again)", file=sys.stderr, flush=True)
         self.stores.append(store)
         return store
 

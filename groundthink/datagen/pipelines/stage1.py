@@ -23,7 +23,7 @@ import random
 import re
 from typing import Any
 
-from groundthink.datagen.backends.base import CompletionRequest
+from groundthink.datagen.backends.base import CompletionRequest, RequestRejected
 from groundthink.datagen.critics import CriticSettings, judge
 from groundthink.datagen.pipelines.base import PHASES_DIR, Pipeline, PipelineError, generate, output_fields
 from groundthink.datagen.runner import Attempts, PhaseStats, Task, utc_now
@@ -144,10 +144,21 @@ class Stage1Pipeline(Pipeline):
     async def _critic(self, phase: str, items: list[dict[str, Any]], build) -> PhaseStats:
         store = self.ctx.store(PHASES_DIR, phase)
         pending = [it for it in items if it["id"] not in store.done]
+        # A prompt the contamination guard refuses (generated text can hold a control token) gets a task of its
+        # own, so its rejection does not take a whole batch with it.
+        alone, batchable = [], []
+        for item in pending:
+            try:
+                if hasattr(self.ctx.backend, "check_prompt"):
+                    self.ctx.backend.check_prompt(build(item), f"{phase} prompt for {item['id']}")
+                batchable.append(item)
+            except RequestRejected:
+                alone.append(item)
         # In-process backends score a batch in one forward pass; HTTP critics run `concurrency` requests at once.
         size = self.critic.batch_size if self.ctx.backend.max_concurrency == 1 else 1
-        tasks = [Task(f"{phase}:{pending[i]['id']}", pending[i:i + size], [it["id"] for it in pending[i:i + size]])
-                 for i in range(0, len(pending), size)]
+        tasks = [Task(f"{phase}:{it['id']}", [it], [it["id"]]) for it in alone]
+        tasks += [Task(f"{phase}:{batchable[i]['id']}", batchable[i:i + size],
+                       [it["id"] for it in batchable[i:i + size]]) for i in range(0, len(batchable), size)]
         skipped = len(items) - len(pending)
 
         async def work(task: Task, attempts: Attempts) -> list[dict[str, Any]]:
