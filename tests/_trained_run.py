@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TRAIN = ["debug=fast", "logger=csv", "trainer.num_threads=1", "diagnostics.enabled=false", "name=tiny"]
+TRAIN = ["debug=fast", "logger=csv", "trainer.num_threads=1", "name=tiny"]
 
 
 def trained_tiny_run(tmp_path_factory) -> Path:

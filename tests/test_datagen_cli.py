@@ -213,19 +213,19 @@ def test_responses_pipeline_against_serve_writes_sft_ready_chat_records(server, 
 
 # ----- in-process GroundThink backend: stage 1 -----------------------------------------------------------------------
 STAGE1_SMALL = ["pipeline=stage1", "prompts=seed_instructions", "backend=groundthink", "backend.num_threads=1",
-                "pipeline.instruction.max_tokens=24", "pipeline.response.max_tokens=24", "pipeline.n_shots=3",
-                "pipeline.critic.min_margin=0", "name=s1"]
+                "pipeline.instruction.max_tokens=16", "pipeline.response.max_tokens=16", "pipeline.n_shots=2",
+                "pipeline.critic.min_margin=0", "guard.sentinel_tokens=4", "name=s1"]
 
 
 def test_stage1_in_process_five_phases_then_scale_resumes(run_dir, tmp_path):
-    proc = datagen(tmp_path, *STAGE1_SMALL, f"backend.run={run_dir}", "count=4")
+    proc = datagen(tmp_path, *STAGE1_SMALL, f"backend.run={run_dir}", "count=3")
     out = tmp_path / "outputs" / "datagen" / "s1"
     assert "stopped" not in proc.stderr, proc.stderr[-3000:]
     summary = json.loads((out / "qc_summary.json").read_text())
     assert proc.returncode == (0 if summary["verdict"] == "PASS" else 1), proc.stderr[-3000:]
     instructions = records(out, "phases")
     assert {p.stem.rsplit("-", 1)[0] for p in (out / "phases").glob("*.jsonl")} >= {"instructions"}
-    assert len([r for r in instructions if r["phase"] == "instructions"]) == 4
+    assert len([r for r in instructions if r["phase"] == "instructions"]) == 3
     for row in records(out, "phases"):
         if "critic" in row:
             c = row["critic"]
@@ -241,14 +241,14 @@ def test_stage1_in_process_five_phases_then_scale_resumes(run_dir, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["guard"]["sentinels"] and all(s["ok"] for s in manifest["guard"]["sentinels"])
     # Scale: the same command with a larger count resumes, making only the new slots.
-    proc = datagen(tmp_path, *STAGE1_SMALL, f"backend.run={run_dir}", "count=6")
+    proc = datagen(tmp_path, *STAGE1_SMALL, f"backend.run={run_dir}", "count=5")
     assert "stopped" not in proc.stderr, proc.stderr[-3000:]
     ids = [r["id"] for r in records(out, "phases") if r["phase"] == "instructions"]
-    assert sorted(ids) == [f"s{i:07d}" for i in range(6)]
+    assert sorted(ids) == [f"s{i:07d}" for i in range(5)]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [inv["phases"][0]["written"] for inv in manifest["invocations"]] == [4, 2]
+    assert [inv["phases"][0]["written"] for inv in manifest["invocations"]] == [3, 2]
     # A different recipe in the same folder is refused before any work.
-    proc = datagen(tmp_path, *STAGE1_SMALL, f"backend.run={run_dir}", "count=6", "pipeline.n_shots=4")
+    proc = datagen(tmp_path, *STAGE1_SMALL, f"backend.run={run_dir}", "count=5", "pipeline.n_shots=4")
     assert proc.returncode == 1 and "different recipe" in proc.stderr and "n_shots" in proc.stderr
 
 
@@ -374,6 +374,36 @@ def test_retry_after_is_waited_for_and_backoff_is_used_without_it(tmp_path):
     without = stamps["p001.control"]
     assert len(with_header) == 2 and with_header[1] - with_header[0] >= 0.6
     assert len(without) == 2 and without[1] - without[0] < 0.5
+
+
+def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path):
+    server = FaultServer(latency_s=0.3, api_key=KEY)
+    url = server.start()
+    prompts = _prompt_file(tmp_path / "prompts.jsonl", 8)
+    args = _fault_args(url, prompts, "term", concurrency=2)
+    env = env_for(tmp_path, GT_TEST_KEY=KEY)
+    out = tmp_path / "outputs" / "datagen" / "term"
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "groundthink.datagen", *args], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while _data_lines(out) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+        assert "run the same command again to resume" in stderr
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["invocations"][-1]["status"] == "interrupted"
+        partial = _data_lines(out)
+        assert 2 <= partial < 16
+        done = datagen(tmp_path, *args, env=env)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len({r["id"] for r in records(out)}) == 16 == _data_lines(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["invocations"][-1]["phases"][0]["skipped_done"] == partial
 
 
 def test_throughput_scales_with_concurrency(tmp_path):

@@ -268,6 +268,8 @@ def test_qc_thresholds_are_strict_where_written_strict(tmp_path):
     assert evaluate(path, {**QC, "thresholds": {"token_limit_rate": "<= 0.10"}})["verdict"] == "PASS"
     with pytest.raises(QCError, match="token_limit_rate"):
         evaluate(path, {**QC, "thresholds": {"token_limit_rate": "below ten percent"}})
+    with pytest.raises(QCError, match="no such QC metric"):
+        evaluate(path, {**QC, "thresholds": {"median_output_token": "< 40"}})
 
 
 # ----- prompt sets and text ------------------------------------------------------------------------------------------

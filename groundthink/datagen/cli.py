@@ -71,6 +71,17 @@ def recipe(config: dict[str, Any], generator: dict[str, Any]) -> dict[str, Any]:
     return {"pipeline": pipeline, "generator": identity, "seed": config["seed"], "prompts": config["prompts"]}
 
 
+def check_recipe(previous: dict[str, Any], this_recipe: dict[str, Any], out_dir: Path, config: dict[str, Any]) -> None:
+    old = previous.get("recipe")
+    if not old or old == this_recipe or config["allow_recipe_change"]:
+        return
+    changes = _differences(old, this_recipe)
+    raise UserError(
+        f"{out_dir} was made with a different recipe, so new records would not belong with the old ones:\n  "
+        + "\n  ".join(changes[:12])
+        + "\nUse another name= for a new dataset, or allow_recipe_change=true to continue anyway")
+
+
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
@@ -122,10 +133,13 @@ def run(cfg: DictConfig) -> int:
             raise UserError(f"{key}={config[key]!r} must be an integer >= 1")
     if config["count"] is not None and (not isinstance(config["count"], int) or config["count"] < 1):
         raise UserError(f"count={config['count']!r} must be an integer >= 1, or null")
+    from groundthink.datagen.qc import METRICS, parse_threshold
+
     for name, text in config["qc"]["thresholds"].items():
         try:
-            from groundthink.datagen.qc import parse_threshold
-
+            if name not in METRICS:
+                raise QCError(f"qc.thresholds.{name} (or pipeline.qc.{name}): no such QC metric; the metrics are "
+                              f"{', '.join(METRICS)}")
             parse_threshold(name, text)
         except QCError as exc:
             raise UserError(str(exc)) from None
@@ -139,6 +153,9 @@ def run(cfg: DictConfig) -> int:
     rejects = None
     ctx = None
     try:
+        previous = load_manifest(out_dir) or {}
+        # The settings part of the recipe first, so a wrong command is refused before a model is loaded.
+        check_recipe(previous, recipe(config, (previous.get("recipe") or {}).get("generator") or {}), out_dir, config)
         backend_settings = {k: v for k, v in config["backend"].items() if k != "kind"}
         try:
             backend = build_backend(config["backend"]["kind"], backend_settings, guard=config["guard"])
@@ -155,14 +172,8 @@ def run(cfg: DictConfig) -> int:
         except (PipelineError, RequestRejected) as exc:
             raise UserError(str(exc)) from None
 
-        previous = load_manifest(out_dir) or {}
         this_recipe = recipe(config, ctx.generator)
-        if previous.get("recipe") and previous["recipe"] != this_recipe and not config["allow_recipe_change"]:
-            changes = _differences(previous["recipe"], this_recipe)
-            raise UserError(
-                f"{out_dir} was made with a different recipe, so new records would not belong with the old ones:\n  "
-                + "\n  ".join(changes[:12])
-                + "\nUse another name= for a new dataset, or allow_recipe_change=true to continue anyway")
+        check_recipe(previous, this_recipe, out_dir, config)
         invocations = list(previous.get("invocations") or [])
         for earlier in invocations:
             if earlier.get("status") == "running":

@@ -40,6 +40,8 @@ from groundthink.datagen.text import is_runaway, leaked
 
 SUMMARY_FILE = "qc_summary.json"
 MAX_IDS = 1000
+METRICS = ("records", "invalid_json_lines", "duplicate_ids", "non_stop_finish", "empty_outputs", "token_limit_rate",
+           "runaway_rate", "delimiter_leakage", "median_output_tokens", "instruction_acceptance", "pair_acceptance")
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq}
 _THRESHOLD = re.compile(r"^\s*(<=|>=|==|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 
@@ -131,6 +133,8 @@ def evaluate(target: str | Path, qc: dict[str, Any]) -> dict[str, Any]:
     target = Path(target)
     thresholds = dict(qc.get("thresholds") or {})
     for name, text in thresholds.items():
+        if name not in METRICS:
+            raise QCError(f"qc.thresholds.{name}: no such QC metric; the metrics are {', '.join(METRICS)}")
         parse_threshold(name, text)
     normal = set(qc.get("normal_finish_reasons") or ["stop"])
     delimiters = [d for d in (qc.get("delimiters") or []) if d]
