@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -197,14 +198,14 @@ def run(cfg: DictConfig) -> int:
         try:
             phases = asyncio.run(_generate(backend, pipeline))
             invocation["status"] = "completed"
-        except PhaseInterrupted as exc:
+        except (PhaseInterrupted, KeyboardInterrupt) as exc:
             invocation["status"] = "interrupted"
-            phases = [exc.stats]
-            code = 128 + exc.signum
+            phases = [*ctx.finished, *([exc.stats] if isinstance(exc, PhaseInterrupted) else [])]
+            code = 128 + (exc.signum if isinstance(exc, PhaseInterrupted) else signal.SIGINT)
             message = f"interrupted; run the same command again to resume from {out_dir}"
         except PhaseAborted as exc:
             invocation["status"] = "aborted"
-            phases = [exc.stats]
+            phases = [*ctx.finished, exc.stats]
             code, message = 1, f"stopped: {exc.cause}"
         except FatalBackendError as exc:
             invocation["status"] = "refused"

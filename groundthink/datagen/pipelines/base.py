@@ -49,6 +49,7 @@ class RunContext:
     stop: asyncio.Event | None = None
     stores: list[ShardedStore] = field(default_factory=list)
     generator: dict[str, Any] = field(default_factory=dict)
+    finished: list[PhaseStats] = field(default_factory=list)  # phases this invocation completed, in order
 
     def store(self, subdir: str, stem: str) -> ShardedStore:
         """The store of `subdir/stem-*.jsonl`, opened (torn line repaired, done ids read) once per invocation."""
@@ -66,8 +67,10 @@ class RunContext:
         concurrency = self.concurrency
         if self.backend.max_concurrency is not None:
             concurrency = min(concurrency, self.backend.max_concurrency)
-        return await run_phase(name, tasks, work, store, self.rejects, concurrency=concurrency, retry=self.retry,
-                               progress_every_s=self.progress_every_s, stop=self.stop)
+        stats = await run_phase(name, tasks, work, store, self.rejects, concurrency=concurrency, retry=self.retry,
+                                progress_every_s=self.progress_every_s, stop=self.stop)
+        self.finished.append(stats)
+        return stats
 
     def close(self) -> None:
         for store in self.stores:
