@@ -338,6 +338,12 @@ def test_kill_minus_9_three_times_then_exactly_one_record_per_id(tmp_path):
     assert set(metrics["non_stop_finish"]["ids"]) == kinds["length"] == set(metrics["token_limit_rate"]["ids"])
     assert set(metrics["empty_outputs"]["ids"]) == kinds["empty"]
     assert summary["failed"] == ["non_stop_finish", "empty_outputs"] and final.returncode == 1
+    gate = [sys.executable, "-m", "groundthink.datagen", "qc", str(out)]
+    proc = subprocess.run(gate, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "FAIL" in proc.stdout
+    proc = subprocess.run([*gate, "--set", "non_stop_finish=null", "--set", "empty_outputs=null", "--out",
+                           str(tmp_path / "relaxed.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads((tmp_path / "relaxed.json").read_text())["verdict"] == "PASS"
     # Every kind of fault was served, and every faulted id still ended as one record (or, malformed, a reject).
     served = {action for _, action in server.log}
     assert served >= {"429", "429-bare", "500", "drop", "hang", "length", "empty", "malformed", "ok"}
