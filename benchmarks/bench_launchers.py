@@ -1,0 +1,57 @@
+"""Wall time of one sweep, Hydra's basic launcher vs `hydra/launcher=local`: `python -m benchmarks.bench_launchers`.
+
+The same 4-job sweep (model=tiny, `--steps` steps of 4 x 32 tokens, CSV logging, 1 torch thread per job:
+model.gamma_init=0.01,1.0 x seed=1,2) runs through `groundthink-train -m` with the basic launcher (jobs one after
+another in one process) and with the local launcher (`--parallel` jobs at a time, each its own process), alternately
+`--repeats` times so that load from other processes hits both alike. Prints each wall time and the medians. Not a
+test: numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SWEEP = ["model=tiny", "debug=fast", "logger=csv", "trainer.num_threads=1", "model.gamma_init=0.01,1.0", "seed=1,2"]
+
+
+def run_sweep(launcher: list[str], steps: int, root: Path) -> float:
+    env = dict(os.environ, WANDB_MODE="disabled", HF_DATASETS_OFFLINE="1", GROUNDTHINK_OUTPUT_ROOT=str(root))
+    args = [sys.executable, "-m", "groundthink.train", "-m", *launcher, *SWEEP, f"trainer.max_steps={steps}",
+            f"trainer.val_every_n_steps={steps}", f"callbacks.checkpoint.every_n_steps={steps}"]
+    t0 = time.time()
+    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(launcher) or 'basic'} sweep failed:\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    variants = {"basic": [], f"local x{args.parallel}": ["hydra/launcher=local",
+                                                          f"hydra.launcher.max_parallel={args.parallel}"]}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with tempfile.TemporaryDirectory(prefix="gt-bench-launchers-") as tmp:
+        for r in range(args.repeats):
+            for name, launcher in variants.items():
+                wall = run_sweep(launcher, args.steps, Path(tmp) / f"{name.split()[0]}_{r}")
+                times[name].append(wall)
+                print(f"repeat {r + 1}: {name:9s} {wall:6.1f} s", flush=True)
+    print()
+    for name, values in times.items():
+        print(f"{name:9s} median {statistics.median(values):6.1f} s  (all: {', '.join(f'{v:.1f}' for v in values)})")
+
+
+if __name__ == "__main__":
+    main()
