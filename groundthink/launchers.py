@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -82,6 +83,10 @@ def resume_overrides(job_dir: Path, overrides: Sequence[str], now: datetime | No
         f"{RESUME_KEY}={quote_override_value(str(job_dir))}",
         f"hydra.output_subdir={RESUME_SUBDIR_PREFIX}{stamp}",
     ]
+
+
+def _job_dir(sweep_config: DictConfig) -> Path:
+    return Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
 
 
 def _checkpoint_step(checkpoint: Path | None) -> int | None:
@@ -164,8 +169,7 @@ class SubmititSweepLauncher:
 
     def job_dir(self, sweep_overrides: list[str], job_num: int) -> Path:
         """The folder of job `job_num` (what run_job creates: hydra.sweep.dir / hydra.sweep.subdir)."""
-        cfg = self._sweep_config(sweep_overrides, job_num)
-        return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+        return _job_dir(self._sweep_config(sweep_overrides, job_num))
 
     def __call__(
         self,
@@ -182,13 +186,14 @@ class SubmititSweepLauncher:
         os.environ["GROUNDTHINK_T0"] = str(time.time())
         Singleton.set_state(singleton_state)
         setup_globals()
-        job_dir = self.job_dir(sweep_overrides, job_num)
+        sweep_config = self._sweep_config(sweep_overrides, job_num)
+        job_dir = _job_dir(sweep_config)
         overrides = resume_overrides(job_dir, sweep_overrides)
         if overrides != list(sweep_overrides):
             checkpoint = resumable_checkpoint(job_dir)
             log.warning(f"job {job_num} restarts from its last checkpoint {checkpoint.name if checkpoint else None} "
                         f"(step {_checkpoint_step(checkpoint)}): {' '.join(overrides[-2:])}")
-        sweep_config = self._sweep_config(overrides, job_num)
+            sweep_config = self._sweep_config(overrides, job_num)
         with open_dict(sweep_config.hydra.job):
             sweep_config.hydra.job.id = submitit.JobEnvironment().job_id
         return run_job(
@@ -333,3 +338,11 @@ class SlurmSweepLauncher(SubmititSweepLauncher):
     """One SLURM job array per sweep; `array_parallelism` jobs run at once."""
 
     _EXECUTOR = "slurm"
+
+    def make_executor(self) -> Any:
+        if shutil.which("srun") is None or shutil.which("sbatch") is None:
+            raise LauncherConfigError(
+                "hydra/launcher=slurm submits with SLURM's sbatch/srun, which are not on PATH here: run the sweep "
+                "on a cluster login node, or use hydra/launcher=local on this machine"
+            )
+        return super().make_executor()

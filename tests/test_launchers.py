@@ -88,12 +88,21 @@ def _launcher(overrides: list[str]):
 
 @pytest.fixture()
 def fake_srun(tmp_path, monkeypatch):
-    """submitit's SLURM executor looks for `srun` on PATH before anything else."""
+    """Stand-ins for SLURM's commands: the launcher checks for them before anything else."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
-    (bin_dir / "srun").chmod(0o755)
+    for name in ("srun", "sbatch"):
+        (bin_dir / name).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_slurm_launcher_without_slurm_says_so(monkeypatch, tmp_path):
+    from groundthink.launchers import LauncherConfigError
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(LauncherConfigError, match="not on PATH here.*hydra/launcher=local"):
+        _launcher(["hydra/launcher=slurm"]).make_executor()
 
 
 def test_slurm_config_reaches_submitit_with_site_defaults_under_the_command_line(tmp_path, fake_srun):
@@ -123,14 +132,17 @@ def test_local_launcher_settings_and_gpu_slots():
 
     launcher = _launcher(["hydra/launcher=local"])
     assert launcher.max_parallel() == 2 and launcher.gpu_slots() == [[], []]
-    launcher = _launcher(["hydra/launcher=local", "hydra.launcher.max_parallel=3", "hydra.launcher.gpus_per_job=2"])
-    assert launcher.gpu_slots() == [[0, 1], [2, 3], [4, 5]]
-    launcher = _launcher(["hydra/launcher=local", "hydra.launcher.gpus_per_job=1", "hydra.launcher.visible_gpus=[5,7]"])
-    assert launcher.gpu_slots() == [[5], [7]]
-    for bad, words in ((["hydra.launcher.max_parallel=0"], "max_parallel=0"),
-                       (["hydra.launcher.gpus_per_job=1", "hydra.launcher.visible_gpus=[0]"], "fewer than")):
+    assert launcher.params["timeout_min"] >= 7 * 24 * 60  # submitit's default of 60 would stop real runs
+
+    def with_params(**changes):
+        return type(launcher)(**{**launcher.params, **changes})
+
+    assert with_params(max_parallel=3, gpus_per_job=2).gpu_slots() == [[0, 1], [2, 3], [4, 5]]
+    assert with_params(gpus_per_job=1, visible_gpus=[5, 7]).gpu_slots() == [[5], [7]]
+    for changes, words in (({"max_parallel": 0}, "max_parallel=0"),
+                           ({"gpus_per_job": 1, "visible_gpus": [0]}, "fewer than")):
         with pytest.raises(LauncherConfigError, match=words):
-            _launcher(["hydra/launcher=local", *bad]).make_executor()
+            with_params(**changes).make_executor()
 
 
 def test_a_job_that_dies_without_a_result_is_a_failed_return():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -108,6 +109,12 @@ def test_bad_inputs_are_explained(tmp_path, monkeypatch):
         list(DocumentSource("hub", hub_name="someone/corpus").documents())
     with pytest.raises(DataError, match=r"val_fraction=1.5"):
         tokenize_corpus(DocumentSource(), tmp_path / "o", val_fraction=1.5)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("some text")
+    with pytest.raises(DataError, match="inside the input folder"):
+        tokenize_corpus(DocumentSource("file", path=str(tmp_path / "in")), tmp_path / "in" / "shards")
+    with pytest.raises(DataError, match="needs vocab_size"):
+        tokenize_corpus(DocumentSource("file", path=str(tmp_path / "in")), tmp_path / "o", tokenizer="bpe")
 
 
 # ----- writing -----------------------------------------------------------------------------------------------------
@@ -196,6 +203,8 @@ def test_state_dict_restores_the_position_exactly_and_refuses_another(shards):
     restored.load_state_dict(state)
     for _ in range(60):
         assert _equal(stream.next_batch(23), restored.next_batch(23))
+    copied = pickle.loads(pickle.dumps(stream))  # e.g. into a DataLoader worker: files reopen lazily
+    assert _equal(stream.next_batch(31), copied.next_batch(31))
     for change, words in (({"batch_size": 5}, "batch_size"), ({"seed": 2}, "seed"),
                           ({"rank": 1, "world_size": 2}, "rank")):
         other = ShardTBPTTStream(str(shards), **{"batch_size": 4, "seed": 1, **change})

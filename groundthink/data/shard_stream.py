@@ -234,7 +234,9 @@ class ShardTBPTTStream:
         return out, valid
 
     def validation_batches(self, seq_len: int, max_batches: int | None = None) -> list[dict[str, torch.Tensor]]:
-        """Fixed held-out batches: fresh lanes over every document of the split once (see the module docstring)."""
+        """Fixed held-out batches: fresh lanes over every document of the split once (see the module docstring).
+
+        Kept in memory as a list, like TBPTTStream's: pass `max_batches` for a large split."""
         n = len(self.sets)
         next_local = [0] * n
         assigned = [0] * n

@@ -208,6 +208,11 @@ def tokenize_corpus(
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
     if int(shard_tokens) < 1:
         raise DataError(f"shard_tokens={shard_tokens} must be a positive number of tokens")
+    if source.source == "file" and Path(source.path).expanduser().is_dir():
+        root = Path(source.path).expanduser().resolve()
+        if out.resolve() == root or root in out.resolve().parents:
+            raise DataError(f"the output folder {out} is inside the input folder {root}: its files would become "
+                            f"input; write the shards elsewhere")
     tok_spec, given = _tokenizer_spec(tokenizer, vocab_size, bpe_documents)
     settings = {
         "format": FORMAT,
