@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import hydra
@@ -64,6 +65,20 @@ def settings_of(cfg: DictConfig) -> dict[str, Any]:
 
 def train(cfg: DictConfig, job: Job) -> dict[str, Any]:
     """Train one run; returns its summary (also written to summary.json)."""
+    from groundthink.training.run import discard_unstarted_run
+
+    resume = bool(cfg.resume)
+    try:  # everything up to the first step: a failure here leaves no run folder behind (single runs)
+        run = _prepare(cfg, job)
+    except BaseException:
+        if not job.multirun and not resume:
+            discard_unstarted_run(job.run_dir)
+        raise
+    return _fit(job, run)
+
+
+def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
+    """Settings, run folder, data, model, module, loggers, callbacks, Trainer: everything before the first step."""
     if cfg.resume:
         cfg = resume_config(cfg, job)
     s = settings_of(cfg)
@@ -89,59 +104,65 @@ def train(cfg: DictConfig, job: Job) -> dict[str, Any]:
     from groundthink.training.diagnostics import build_diagnostics
     from groundthink.training.module import LMTrainingModule
     from groundthink.training.provenance import collect_provenance
-    from groundthink.training.run import RunFolder, closing_lines, exit_for, fit_run
+    from groundthink.training.run import RunFolder
     from groundthink.training.schedules import Curriculum
     from groundthink.training.wandb_setup import wandb_mode
 
     trainer_s, optim_s, logger_s = s["trainer"], s["optim"], s["logger"]
     folder = RunFolder(job.run_dir, resume=bool(cfg.resume))
     folder.write_config(OmegaConf.to_yaml(cfg, resolve=True))
-    try:  # everything up to the first step: a failure here leaves no run folder behind (single runs)
-        if trainer_s.num_threads:
-            torch.set_num_threads(trainer_s.num_threads)
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        data = prepare_data(s["data"], s["tokenizer"], seed=int(cfg.seed), tokenizer_dir=folder.path / "tokenizer",
-                            reuse_tokenizer=folder.resume)
-        model_cfg = s["model"].replace(vocab_size=data.vocab_size)
-        model = HybridLM(model_cfg)
-        if trainer_s.compile:
-            assembly.compile_blocks(model)
-        config = OmegaConf.to_container(cfg, resolve=True)
-        run_meta = {"run_id": folder.run_id, "wandb_run_id": folder.wandb_run_id, "config": config,
-                    "provenance": collect_provenance(), "num_params": model.num_params(), "impl": model.impls()}
-        module = LMTrainingModule(model, optim=optim_s, max_steps=trainer_s.max_steps,
-                                  token_bytes=data.token_bytes, faults=s["faults"], run_meta=run_meta)
-        mode = wandb_mode(logger_s.wandb.mode) if logger_s.wandb.enabled else "disabled"
-        loggers = assembly.build_loggers(folder.path, logger_s, resume_step=folder.resume_step, wandb_mode=mode,
-                                         name=f"{cfg.name}-{folder.run_id}", group=job.group,
-                                         tags=list(cfg.tags) + job.overrides, config=config,
-                                         wandb_run_id=folder.wandb_run_id)
-        callbacks = assembly.build_callbacks(
-            s["callbacks"], trainer_s, s["faults"], checkpoint_dir=folder.checkpoints, val_batches=data.val_batches,
-            diagnostics=build_diagnostics(s["diagnostics"], model), flops_params=count_flops_params(model))
-        trainer = assembly.build_trainer(trainer_s, optim_s, loggers=loggers, callbacks=callbacks["all"],
-                                         run_dir=folder.path, progress_bar=s["callbacks"].progress_bar)
-        datamodule = TBPTTDataModule(data, curriculum=Curriculum(s["data"].curriculum, s["data"].seq_len),
-                                     accumulate_grad_batches=trainer_s.accumulate_grad_batches)
-    except BaseException:
-        if not job.multirun:
-            folder.discard()
-        raise
+    if trainer_s.num_threads:
+        torch.set_num_threads(trainer_s.num_threads)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    data = prepare_data(s["data"], s["tokenizer"], seed=int(cfg.seed), tokenizer_dir=folder.path / "tokenizer",
+                        reuse_tokenizer=folder.resume)
+    model_cfg = s["model"].replace(vocab_size=data.vocab_size)
+    model = HybridLM(model_cfg)
+    if trainer_s.compile:
+        assembly.compile_blocks(model)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    run_meta = {"run_id": folder.run_id, "wandb_run_id": folder.wandb_run_id, "config": config,
+                "provenance": collect_provenance(), "num_params": model.num_params(), "impl": model.impls()}
+    module = LMTrainingModule(model, optim=optim_s, max_steps=trainer_s.max_steps,
+                              token_bytes=data.token_bytes, faults=s["faults"], run_meta=run_meta)
+    mode = wandb_mode(logger_s.wandb.mode) if logger_s.wandb.enabled else "disabled"
+    wandb_record = None if mode == "disabled" else {
+        "mode": mode, "project": logger_s.wandb.project, "group": job.group, "job_type": logger_s.wandb.job_type,
+        "tags": list(cfg.tags) + job.overrides}
+    loggers = assembly.build_loggers(folder.path, logger_s, resume_step=folder.resume_step, wandb_mode=mode,
+                                     name=f"{cfg.name}-{folder.run_id}", group=job.group,
+                                     tags=wandb_record["tags"] if wandb_record else [], config=config,
+                                     wandb_run_id=folder.wandb_run_id)
+    callbacks = assembly.build_callbacks(
+        s["callbacks"], trainer_s, s["faults"], checkpoint_dir=folder.checkpoints, val_batches=data.val_batches,
+        diagnostics=build_diagnostics(s["diagnostics"], model), flops_params=count_flops_params(model))
+    trainer = assembly.build_trainer(trainer_s, optim_s, loggers=loggers, callbacks=callbacks["all"],
+                                     run_dir=folder.path, progress_bar=s["callbacks"].progress_bar)
+    datamodule = TBPTTDataModule(data, curriculum=Curriculum(s["data"].curriculum, s["data"].seq_len),
+                                 accumulate_grad_batches=trainer_s.accumulate_grad_batches)
+    return SimpleNamespace(s=s, folder=folder, data=data, model=model, module=module, loggers=loggers,
+                           callbacks=callbacks, trainer=trainer, datamodule=datamodule, wandb_record=wandb_record)
+
+
+def _fit(job: Job, run: SimpleNamespace) -> dict[str, Any]:
+    """Train, then the summary, the closing lines, the gate verdict and the exit (groundthink.training.run)."""
+    from groundthink.training.run import closing_lines, exit_for, fit_run
+
+    s, folder, model, wandb_record = run.s, run.folder, run.model, run.wandb_record
     log.info(f"GroundThink run {folder.run_id}: {model.num_params() / 1e6:.2f}M parameters, pattern "
-             f"{model_cfg.pattern!r} x {model_cfg.n_layers} layers, {data.description} -> {folder.path}")
-    outcome = fit_run(trainer, module, datamodule, folder, loggers=loggers,
-                      checkpointing=callbacks["checkpointing"], throughput=callbacks["throughput"],
-                      wandb_on=mode != "disabled", job_start=job.started,
-                      summary_fields={"num_params": model.num_params(), "wandb": None if mode == "disabled" else {
-                          "mode": mode, "project": logger_s.wandb.project, "group": job.group,
-                          "job_type": logger_s.wandb.job_type, "tags": list(cfg.tags) + job.overrides}})
-    log.info("\n".join(closing_lines(outcome, folder, precision=trainer_s.precision, wandb_mode=mode)))
+             f"{model.cfg.pattern!r} x {model.cfg.n_layers} layers, {run.data.description} -> {folder.path}")
+    outcome = fit_run(run.trainer, run.module, run.datamodule, folder, loggers=run.loggers,
+                      checkpointing=run.callbacks["checkpointing"], throughput=run.callbacks["throughput"],
+                      wandb_on=wandb_record is not None, job_start=job.started,
+                      summary_fields={"num_params": model.num_params(), "wandb": wandb_record})
+    log.info("\n".join(closing_lines(outcome, folder, precision=s["trainer"].precision,
+                                     wandb_mode=wandb_record["mode"] if wandb_record else "disabled")))
     gate_exit = 0
     if s["gate"] is not None and outcome.status != "interrupted":
         from groundthink.gates import finish_gate_run
 
         gate_exit = finish_gate_run(s["gate"], folder.path, summary=outcome.summary, model=model,
-                                    tokenizer=data.tokenizer, val_texts=data.val_texts)
+                                    tokenizer=run.data.tokenizer, val_texts=run.data.val_texts)
     exit_for(outcome, multirun=job.multirun, gate_exit=gate_exit, gate_name=(s["gate"] or {}).get("name"),
              run_dir=folder.path)
     return outcome.summary

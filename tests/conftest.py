@@ -41,8 +41,10 @@ def tiny_config(**changes):
 
 def cli_env(root: Path, **extra: str) -> dict[str, str]:
     """The environment of a real-CLI test run: W&B offline, no hub access, outputs under `root`."""
-    return dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HF_DATASETS_OFFLINE="1",
-                HF_HUB_OFFLINE="1", GROUNDTHINK_OUTPUT_ROOT=str(root / "outputs"), **extra)
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               GROUNDTHINK_OUTPUT_ROOT=str(root / "outputs"))
+    env.update(extra)
+    return env
 
 
 def run_cli(root: Path, module: str, *args: str, expect_rc: int | None = 0, timeout: int = 900,
@@ -57,8 +59,18 @@ def run_cli(root: Path, module: str, *args: str, expect_rc: int | None = 0, time
     return proc
 
 
-def run_train(root: Path, *overrides: str, expect_rc: int | None = 0, fast: bool = True) -> subprocess.CompletedProcess:
-    return run_cli(root, "groundthink.train", *(FAST if fast else []), *overrides, expect_rc=expect_rc)
+def run_train(root: Path, *args: str, expect_rc: int | None = 0, fast: bool = True) -> subprocess.CompletedProcess:
+    """groundthink-train with FAST (unless fast=False) and `args`; Hydra's flags (-m, -cn NAME) go first."""
+    flags, overrides, args = [], [], list(args)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-cn", "--config-name", "-cd", "--config-dir"):
+            flags += [arg, args.pop(0)]
+        elif arg.startswith("-"):
+            flags.append(arg)
+        else:
+            overrides.append(arg)
+    return run_cli(root, "groundthink.train", *flags, *(FAST if fast else []), *overrides, expect_rc=expect_rc)
 
 
 def run_dirs(root: Path, name: str = "default") -> list[Path]:

@@ -63,6 +63,8 @@ class FaultServer:
         self.model = model
         self.attempts: dict[str, int] = {}
         self.log: list[tuple[str, str]] = []  # (key, action) per request, in arrival order
+        self.in_flight = 0  # requests being answered right now, and the most there ever were at once
+        self.max_in_flight = 0
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -124,8 +126,15 @@ class FaultServer:
                     return
                 key = request_key(body)
                 action = server.action(key)
-                if server.latency_s:
-                    time.sleep(server.latency_s)
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    if server.latency_s:
+                        time.sleep(server.latency_s)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
                 if action == "429":
                     self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
                                {"Retry-After": f"{server.retry_after_s}"})

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, read_write
 
 from groundthink import schema
 from groundthink.hydra_support import Job, register_resolvers
@@ -167,7 +167,7 @@ def test_every_config_key_is_read(tmp_path, monkeypatch):
                         "diagnostics.grad_norms.every_n_steps=1", "diagnostics.state.every_n_steps=1",
                         "diagnostics.entropy.every_n_steps=1"])
     hydra_cfg = cfg.hydra
-    with OmegaConf.read_write(cfg):
+    with read_write(cfg):
         del cfg["hydra"]
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = tmp_path / "run"

@@ -412,25 +412,26 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path):
     assert manifest["invocations"][-1]["phases"][0]["skipped_done"] == partial
 
 
-def test_throughput_scales_with_concurrency(tmp_path):
-    server = FaultServer(latency_s=0.15, api_key=KEY)
-    url = server.start()
+def test_requests_run_concurrently_up_to_the_setting(tmp_path):
+    """The concurrency setting is what the server sees at once: up to that many requests in flight, never more.
+    (Records/s at 1, 4 and 16 against a fixed-latency server are measured by benchmarks/bench_datagen.py, not
+    asserted here: a timing assertion fails on a loaded machine.)"""
     prompts = _prompt_file(tmp_path / "prompts.jsonl", 16)
-    rates = {}
-    try:
-        for concurrency in (1, 4, 16):
+    for concurrency in (1, 4, 16):
+        server = FaultServer(latency_s=0.3, api_key=KEY)
+        url = server.start()
+        try:
             proc = datagen(tmp_path, *_fault_args(url, prompts, f"tp{concurrency}", concurrency),
                            env=env_for(tmp_path, GT_TEST_KEY=KEY))
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            manifest = json.loads((tmp_path / "outputs" / "datagen" / f"tp{concurrency}" / "manifest.json").read_text())
-            phase = manifest["invocations"][-1]["phases"][0]
-            assert phase["written"] == 32
-            rates[concurrency] = phase["records_per_s"]
-    finally:
-        server.stop()
-    print(f"\nrecords/s against a 0.15 s-latency server: {rates}")
-    (tmp_path.parent / "datagen_throughput.json").write_text(json.dumps(rates))
-    assert rates[4] > 2.5 * rates[1] and rates[16] > 1.5 * rates[4], rates
+        finally:
+            server.stop()
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        manifest = json.loads((tmp_path / "outputs" / "datagen" / f"tp{concurrency}" / "manifest.json").read_text())
+        assert manifest["invocations"][-1]["phases"][0]["written"] == 32
+        # Never more than the setting; and more than half of it at once (16 requests cannot all be dispatched
+        # within one 0.3 s latency on a heavily loaded machine, 9 can).
+        assert concurrency // 2 < server.max_in_flight <= concurrency or concurrency == server.max_in_flight == 1, (
+            concurrency, server.max_in_flight)
 
 
 # ----- bad input, contamination and the HF backend through the CLI ---------------------------------------------------

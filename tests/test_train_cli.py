@@ -129,7 +129,7 @@ def test_nan_messages_state_only_what_is_true(tmp_path):
 
     proc = run_train(tmp_path / "b", "optim.lr=1e6", "optim.warmup_steps=0", "logger=csv", expect_rc=1)
     out = proc.stderr + proc.stdout
-    assert "step 1:" in out and "blocks.0." in out
+    assert "step 2:" in out and "blocks.0." in out  # step 1's update with lr 1e6 makes step 2's loss NaN
     assert "resume   not possible: no checkpoint was written" in out
     assert "checkpoint is kept" not in out and "resume=" not in out and "trainer.precision" not in out
 
@@ -221,11 +221,3 @@ def test_printed_resume_command_works_pasted_into_a_shell(tmp_path):
     assert json.loads((job / "summary.json").read_text())["step"] == 12
     assert os.path.isdir(job)
 
-
-def test_trainer_compile_compiles_each_block_and_trains_the_same_losses(tmp_path):
-    """trainer.compile is wired (it used to be read by nothing): regional torch.compile of each block."""
-    steps = ["trainer.max_steps=4", "trainer.log_every_n_steps=1", "logger=csv", "callbacks.progress_bar=false"]
-    run_train(tmp_path / "eager", *steps)
-    run_train(tmp_path / "compiled", *steps, "trainer.compile=true")
-    (eager,), (compiled,) = run_dirs(tmp_path / "eager"), run_dirs(tmp_path / "compiled")
-    assert read_column(compiled) == pytest.approx(read_column(eager), abs=1e-4)

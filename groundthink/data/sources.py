@@ -171,15 +171,10 @@ class TextSource(DataSource):
                     f"{settings.batch_size} x {settings.seq_len}): val/loss will be noisy; raise data.val_fraction "
                     "or add data", UserWarning, stacklevel=2)
 
-        def make_train_stream(rank: int, world: int) -> TBPTTStream:
-            # Each data-parallel rank streams its own share of the documents.
-            docs = train_ids[rank::world] if world > 1 else train_ids
-            return TBPTTStream(docs, batch_size=settings.batch_size, pad_id=tok.pad_id, seed=seed + rank)
-
         return PreparedData(
             tokenizer=tok,
             vocab_size=tok.vocab_size,
-            make_train_stream=make_train_stream,
+            make_train_stream=DocumentLanes(train_ids, settings.batch_size, tok.pad_id, seed),
             val_batches=val_batches,
             token_bytes=torch.tensor(tok.token_byte_lengths(), dtype=torch.float32),
             val_texts=val_texts,
@@ -217,6 +212,23 @@ class MixtureSource(TextSource):
 
         specs = [(dict(entry), float(entry.get("weight", 1.0))) for entry in settings.mixture]
         return load_mixture(specs, total_docs=settings.max_documents, seed=0)
+
+
+@dataclass
+class DocumentLanes:
+    """`make_train_stream` of a document source: each data-parallel rank streams its own share of the documents (a
+    picklable object rather than a closure, so `ddp_spawn` can send it to the worker processes)."""
+
+    docs: Any  # TokenizedDocuments
+    batch_size: int
+    pad_id: int
+    seed: int
+
+    def __call__(self, rank: int, world: int) -> Any:
+        from groundthink.data.stream import TBPTTStream
+
+        docs = self.docs[rank::world] if world > 1 else self.docs
+        return TBPTTStream(docs, batch_size=self.batch_size, pad_id=self.pad_id, seed=self.seed + rank)
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -71,15 +71,19 @@ class RunFolder:
     def has_checkpoint(self) -> bool:
         return find_last_good_checkpoint(self.path) is not None
 
-    def discard(self) -> None:
-        """Remove a new run's folder that failed before its first training step (nothing in it is worth keeping)."""
-        if self.resume or self.has_checkpoint():
-            return
-        shutil.rmtree(self.path, ignore_errors=True)
-        try:
-            self.path.parent.rmdir()  # outputs/<name>/ when this was its only run
-        except OSError:
-            pass
+
+
+def discard_unstarted_run(run_dir: Path) -> None:
+    """Remove a new run's folder that failed before its first training step (Hydra created it; nothing in it is
+    worth keeping: the error was printed). A folder with a checkpoint is never removed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or find_last_good_checkpoint(run_dir) is not None:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        run_dir.parent.rmdir()  # outputs/<name>/ when this was its only run
+    except OSError:
+        pass
 
 
 @dataclass
