@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -125,13 +126,16 @@ def prepare_argv(argv: list[str]) -> list[str]:
 
 
 def _check_creatable(path: Path) -> None:
-    """The nearest existing ancestor of `path` must be a writable folder (nothing is created here)."""
+    """The nearest existing ancestor of `path` must take a new folder: one is made there and removed again (a
+    permission check alone passes for root even where nothing can be created, as in /proc)."""
     parent = path
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".groundthink-probe-", dir=parent))
+    except OSError:
         raise RunDirError(f"output folder {path} cannot be created: {parent} is not writable. Choose a writable "
-                          "location with hydra.run.dir=... or paths.output_root=/path/with/space.")
+                          "location with hydra.run.dir=... or paths.output_root=/path/with/space.") from None
 
 
 def run_entry(hydra_entry: Any, config_dir: str) -> None:

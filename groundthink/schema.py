@@ -75,6 +75,9 @@ class TrainConfig:
     # Continue a run from its last good checkpoint: `resume=outputs/default/2026-11-24_07-00-00_1a2b3c4d`.
     resume: str | None = None
     faults: FaultSettings = field(default_factory=FaultSettings)
+    # Site settings from the git-ignored conf/local/default.yaml (e.g. `slurm:` defaults that
+    # conf/hydra/launcher/slurm.yaml reads); absent on most machines.
+    local: Any = None
 
 
 def preset_node(name: str) -> Any:

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 # Overrides that make a real-CLI training run a few seconds long (the tiny model, 20 steps, one thread).
 FAST = ["debug=fast", "trainer.num_threads=1"]
@@ -43,8 +45,18 @@ def cli_env(root: Path, **extra: str) -> dict[str, str]:
     """The environment of a real-CLI test run: W&B offline, no hub access, outputs under `root`."""
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
                GROUNDTHINK_OUTPUT_ROOT=str(root / "outputs"))
+    # A W&B run started in this pytest process leaves its service's address here; a child that inherits it shares
+    # that service, which then refuses a resumed run's id while the killed run's stream is still open in it.
+    env.pop("WANDB_SERVICE", None)
     env.update(extra)
     return env
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_wandb_service():
+    """Subprocesses that tests start with os.environ must not attach to a W&B service of this process (cli_env)."""
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 def run_cli(root: Path, module: str, *args: str, expect_rc: int | None = 0, timeout: int = 900,
