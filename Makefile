@@ -5,6 +5,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` / `make test-fast` (tests sharing a module fixture stay on one worker).
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup train test test-fast test-all bench lint
 
@@ -25,7 +27,7 @@ train: setup
 
 ## The test suite. pytest's exit code 5 (no tests collected) counts as a failure.
 test: setup
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
 test-fast: setup

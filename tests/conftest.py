@@ -52,6 +52,18 @@ def cli_env(root: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs the suite on 2 pytest-xdist workers (--dist loadgroup). A test that uses a module- or
+    session-scoped fixture (a trained run, a server, a sweep) joins its module's group, so that fixture is built once
+    in one worker; every other test is scheduled on its own."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info else ()
+        if any(d[-1].scope in ("module", "package", "session") for d in defs if d):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(autouse=True)
 def _no_shared_wandb_service():
     """Subprocesses that tests start with os.environ must not attach to a W&B service of this process (cli_env)."""

@@ -302,3 +302,23 @@ def test_ensure_writable_rejects_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(RunDirError, match="not a folder"):
         ensure_writable(tmp_path / "f")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mfu_counts_every_parameter_but_the_embedding_lookup(tied):
+    """MFU = tokens/s x 6 x (parameters that cost FLOPs per token) / peak. The embedding table is a lookup and is left
+    out; tied to the head it is the head's matrix and counts once. (count_flops_params once looked for
+    `model.embedding`, which does not exist, and so never left the table out: MFU was overstated.)"""
+    from groundthink.models import HybridLM
+    from groundthink.training.callbacks import Throughput, count_flops_params
+
+    from .conftest import tiny_config
+
+    model = HybridLM(tiny_config(vocab_size=300, tie_embeddings=tied))
+    total = sum(p.numel() for p in model.parameters())
+    table = model.embed.weight.numel()
+    assert table == 300 * 32
+    assert count_flops_params(model) == (total if tied else total - table)
+    per_token = 6 * count_flops_params(model)
+    callback = Throughput(every_n_steps=1, flops_params=count_flops_params(model), peak_flops=1e12, precision="32-true")
+    assert callback.flops_per_token == per_token
