@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers for `make test` / `make test-fast` (tests sharing a module fixture stay on one worker).
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup train test test-fast test-all bench lint
+.PHONY: setup train test test-fast bench lint gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,16 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check groundthink tests benchmarks sweeps
+
+## On a CUDA machine: GPU parity tests, then bf16 throughput of 8m and 125m (benchmarks/gpu_check.sh --help).
+gpu-check:
+	bash benchmarks/gpu_check.sh $(ARGS)
+
+## Wheels of what a bare CUDA image lacks (Python 3.12, x86_64), for `gpu_check.sh --wheels gpu-wheels` offline.
+gpu-wheels: setup
+	rm -rf gpu-wheels && mkdir gpu-wheels
+	$(BIN)/pip wheel --quiet --no-deps -w gpu-wheels antlr4-python3-runtime==4.9.3 \
+		"hydra-core==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("hydra-core"))')" \
+		"omegaconf==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("omegaconf"))')"
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+		--platform any -d gpu-wheels datasets dill multiprocess flash-linear-attention fla-core
