@@ -107,18 +107,97 @@ def _losses(run: Path, column: str = "train/loss") -> dict[int, float]:
         return {int(r["step"]): float(r[column]) for r in csv.DictReader(f) if r.get(column)}
 
 
+# The slow tests share one single-process run: data=shards read as 2 ranks' lanes side by side (data.emulate_ranks=2),
+# the global batch of the 2-rank torchrun run, and the uninterrupted reference of the SIGTERM + resume test.
+COMMON = ["trainer.max_steps=8", "trainer.log_every_n_steps=1", "trainer.val_every_n_steps=4",
+          "logger.wandb.enabled=false", "callbacks.progress_bar=false", "callbacks.checkpoint.every_n_steps=100"]
+
+
+@pytest.fixture(scope="module")
+def one_process(shard_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("one")
+    run_train(root, "data=shards", f"data.path={shard_dir}", "data.emulate_ranks=2", *COMMON)
+    (run,) = run_dirs(root)
+    return run
+
+
 @pytest.mark.slow
-def test_shards_run_resumes_bit_exact_after_sigterm(shard_dir, tmp_path):
-    steps = ["data=shards", f"data.path={shard_dir}", "trainer.max_steps=10", "trainer.log_every_n_steps=1",
-             "trainer.val_every_n_steps=5", "callbacks.checkpoint.every_n_steps=100", "logger.wandb.enabled=false"]
-    run_train(tmp_path / "a", *steps)
-    (full,) = run_dirs(tmp_path / "a")
-    run_train(tmp_path / "b", *steps, "faults.sigterm_at_step=4", expect_rc=143)
-    (part,) = run_dirs(tmp_path / "b")
+def test_shards_run_resumes_bit_exact_after_sigterm(shard_dir, one_process, tmp_path):
+    steps = ["data=shards", f"data.path={shard_dir}", "data.emulate_ranks=2", *COMMON]
+    run_train(tmp_path, *steps, "faults.sigterm_at_step=3", expect_rc=143)
+    (part,) = run_dirs(tmp_path)
     sidecar = json.loads((part / "checkpoints/last.json").read_text())
-    assert sidecar["step"] == 4 and sidecar["data_position"]["stream"]["kind"] == "token-shards"
-    run_train(tmp_path / "b", *steps, f"resume={part}")
-    reference, resumed = _losses(full), _losses(part)
-    assert sorted(resumed) == sorted(reference) == list(range(1, 11))
+    assert sidecar["step"] == 3
+    assert [r["kind"] for r in sidecar["data_position"]["stream"]["ranks"]] == ["token-shards"] * 2
+    run_train(tmp_path, *steps, f"resume={part}")
+    reference, resumed = _losses(one_process), _losses(part)
+    assert sorted(resumed) == sorted(reference) == list(range(1, 9))
     assert all(resumed[s] == reference[s] for s in reference), (resumed, reference)
-    assert _losses(part, "val/loss") == _losses(full, "val/loss")
+    assert _losses(part, "val/loss") == _losses(one_process, "val/loss")
+
+
+def _torchrun(root: Path, *overrides: str, expect_ok: bool = True):
+    """`torchrun --standalone --nproc_per_node 2 -m groundthink.train` (gloo on CPU) with FAST and `overrides`."""
+    import subprocess
+    import sys
+
+    from tests.conftest import FAST, cli_env
+
+    root.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "groundthink.train", *FAST, *overrides], cwd=root, env=cli_env(root),
+                          capture_output=True, text=True, timeout=600)
+    assert (proc.returncode == 0) == expect_ok, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _rank_positions(sidecar: Path) -> list[dict]:
+    states = json.loads(sidecar.read_text())["lightning"]["rank_states"]
+    return [s["data_position"]["stream"] for s in states]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_disjoint_equal_to_one_process_and_resume_exact(shard_dir, one_process, tmp_path):
+    """Issue 17 acceptance: `torchrun` with 2 processes (gloo) and trainer=ddp_multinode. (a) the ranks read
+    disjoint lanes: each rank's saved stream position is exactly a rank-r-of-2 ShardTBPTTStream's after 4 batches;
+    (b) the losses equal one process reading both ranks' lanes side by side (data.emulate_ranks=2, the same global
+    batch) to fp32 round-off; (c) SIGTERM at step 4 + resume: every rank's position is restored, and the resumed
+    losses equal the uninterrupted 2-rank run's."""
+    from groundthink.data.shard_stream import ShardTBPTTStream
+
+    common = ["data=shards", f"data.path={shard_dir}", "trainer=ddp_multinode", *COMMON]
+    _torchrun(tmp_path / "full", *common, "callbacks.checkpoint.every_n_steps=4")
+    (full,) = run_dirs(tmp_path / "full")
+    assert full.name.startswith("torchrun_") and (full / "train_rank1.log").exists()
+    assert json.loads((full / "summary.json").read_text())["step"] == 8
+    one = one_process
+
+    # (a) disjoint lanes, each rank exactly where its own stream is after 4 batches
+    positions = _rank_positions(full / "checkpoints/step_0000004.json")
+    for rank, position in enumerate(positions):
+        expected = ShardTBPTTStream(str(shard_dir), 4, split="train", seed=1234, rank=rank, world_size=2)
+        for _ in range(4):
+            expected.next_batch(32)
+        assert position == expected.state_dict()
+        assert all(d % 2 == rank for d in position["lane_doc"])
+    assert not set(positions[0]["lane_doc"]) & set(positions[1]["lane_doc"])
+
+    # (b) the 2-rank run is the one-process run on the same global batch, to fp32 round-off
+    ddp, single = _losses(full), _losses(one)
+    assert sorted(ddp) == sorted(single) == list(range(1, 9))
+    diff = max(abs(ddp[s] - single[s]) for s in ddp)
+    assert diff <= 1e-5, (diff, ddp, single)
+    assert _losses(full, "val/loss") == pytest.approx(_losses(one, "val/loss"), abs=1e-5)
+
+    # (c) SIGTERM on every rank at step 4, then resume from the checkpoint of both ranks
+    _torchrun(tmp_path / "part", *common, "faults.sigterm_at_step=4", expect_ok=False)
+    (part,) = run_dirs(tmp_path / "part")
+    assert json.loads((part / "summary.json").read_text())["status"] == "interrupted"
+    assert _rank_positions(part / "checkpoints/last.json") == positions
+    _torchrun(tmp_path / "part", *common, f"resume={part}")
+    resumed = _losses(part)
+    assert sorted(resumed) == list(range(1, 9))
+    resume_diff = max(abs(resumed[s] - ddp[s]) for s in ddp)
+    print(f"torchrun vs one process: max |loss diff| {diff:.3g}; resumed vs uninterrupted: {resume_diff:.3g}")
+    assert resume_diff <= 1e-6, (resumed, ddp)
+    assert _losses(part, "val/loss")[8] == pytest.approx(_losses(full, "val/loss")[8], abs=1e-6)  # 4: interrupted

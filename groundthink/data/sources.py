@@ -47,6 +47,10 @@ class DataSettings:
     # Sequence-length curriculum: [[start_step, seq_len], ...], e.g. [[0, 64], [500, 128]]; empty = seq_len.
     curriculum: list[list[int]] = field(default_factory=list)
     val_batches: int = 8  # held-out batches per validation
+    # One process reads the lanes of this many data-parallel ranks side by side (batch = emulate_ranks x
+    # batch_size): exactly the global batch an N-rank run trains on, to check a multi-process run against one
+    # process. 1 = off; only for a single-process run.
+    emulate_ranks: int = 1
 
 
 @dataclass
@@ -132,7 +136,12 @@ def prepare_data(settings: DataSettings, tokenizer: TokenizerSettings, **kwargs:
     """Dispatch to the source named by `settings.source` (see DataSource.prepare for the keyword arguments)."""
     if settings.source not in DATA_SOURCES:
         raise DataError(f"data.source={settings.source!r} is not a data source; registered: {sorted(DATA_SOURCES)}")
-    return DATA_SOURCES[settings.source]().prepare(settings, tokenizer, **kwargs)
+    _check_positive("data.emulate_ranks", settings.emulate_ranks)
+    data = DATA_SOURCES[settings.source]().prepare(settings, tokenizer, **kwargs)
+    if settings.emulate_ranks > 1:
+        data.make_train_stream = StackedLanes(data.make_train_stream, settings.emulate_ranks)
+        data.description += f", read as {settings.emulate_ranks} ranks' lanes side by side (data.emulate_ranks)"
+    return data
 
 
 class TextSource(DataSource):
@@ -243,7 +252,6 @@ class ShardsSource(DataSource):
         import torch
 
         from groundthink.data.shard_stream import ShardTBPTTStream
-        from groundthink.data.shards import ShardSet
         from groundthink.data.tokenizer import Tokenizer
         from groundthink.training.schedules import Curriculum
 
@@ -361,3 +369,41 @@ class DocumentLanes:
 def _check_positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise DataError(f"{name}={value!r} must be a positive integer")
+
+
+@dataclass
+class StackedLanes:
+    """`make_train_stream` for data.emulate_ranks=N: one process reads ranks 0..N-1's streams side by side."""
+
+    make_rank_stream: Callable[[int, int], Any]
+    ranks: int
+
+    def __call__(self, rank: int, world: int) -> Any:
+        if world > 1:
+            raise DataError(f"data.emulate_ranks={self.ranks} is for a single process; this run has {world} ranks "
+                            "(set data.emulate_ranks=1)")
+        return StackedStream([self.make_rank_stream(r, self.ranks) for r in range(self.ranks)])
+
+
+class StackedStream:
+    """Several ranks' training streams as one: batches concatenated along the lanes, positions saved per rank."""
+
+    def __init__(self, streams: list[Any]) -> None:
+        self.streams = streams
+
+    def next_batch(self, seq_len: int) -> dict[str, Any]:
+        import torch
+
+        parts = [s.next_batch(seq_len) for s in self.streams]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "stacked-ranks", "ranks": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ranks = state.get("ranks") if state.get("kind") == "stacked-ranks" else None
+        if ranks is None or len(ranks) != len(self.streams):
+            raise DataError(f"the saved data position is not one of {len(self.streams)} stacked ranks "
+                            "(data.emulate_ranks): resume with the settings the run started with")
+        for stream, position in zip(self.streams, ranks):
+            stream.load_state_dict(position)
