@@ -1,14 +1,14 @@
 """Multi-process launches (issue 17): trainer=ddp_multinode / trainer=fsdp take devices and nodes from the launcher's
 environment, every rank of one torchrun / SLURM launch names the same run folder, and a launch whose ranks could not
-agree on one is refused before anything is created. (The 2-process torchrun run itself: tests/test_shard_training.py.)"""
+agree on one is refused before anything is created. (The torchrun run: tests/test_shard_training.py.)"""
 
 from __future__ import annotations
 
 import pytest
 
 from groundthink import hydra_support
-from groundthink.training.rundir import launch_key, launched_rank
 from groundthink.training.run import UserError
+from groundthink.training.rundir import launch_key, launched_rank
 from tests.test_configs import compose_with
 
 LAUNCH_ENV = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "SLURM_NTASKS",
