@@ -51,7 +51,8 @@ class RunFolder:
         self.resume = resume
         self.checkpoints = self.path / "checkpoints"
         ensure_writable(self.path)
-        remove_stale_temp_files(self.checkpoints)
+        if launched_rank()[0] == 0:  # under torchrun/srun only rank 0 writes (and cleans) the run folder
+            remove_stale_temp_files(self.checkpoints)
         self.resume_checkpoint: Path | None = None
         self.previous: dict[str, Any] = {}
         if resume:
@@ -67,7 +68,9 @@ class RunFolder:
 
     def write_config(self, yaml_text: str) -> None:
         if launched_rank()[0] == 0:  # under torchrun/srun rank 0 writes the run's files, the others read them
-            (self.path / "config.yaml").write_text(yaml_text)
+            tmp = self.path / ".config.yaml.tmp"
+            tmp.write_text(yaml_text)
+            tmp.replace(self.path / "config.yaml")  # atomic: another rank may be reading it to resume
 
     @property
     def tokenizer_dir(self) -> Path | None:
