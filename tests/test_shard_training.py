@@ -1,5 +1,6 @@
 """Training from token shards (`data=shards`, issue 17): the source's settings and refusals, rank-disjoint lanes, and
-through the real command line a run killed by SIGTERM that resumes bit for bit from the saved shard position."""
+through the real command line a 2-process torchrun run: disjoint lanes, the one-process losses on the same global
+batch, and SIGTERM + resume bit for bit from every rank's saved shard position."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import run_dirs, run_train, sample_texts
 
@@ -64,6 +66,27 @@ def test_ranks_get_disjoint_documents(shard_dir):
     assert not docs[0] & docs[1]
 
 
+def test_emulated_ranks_are_the_ranks_lanes_side_by_side_and_resume_exactly(shard_dir):
+    from groundthink.data.errors import DataError
+    from groundthink.data.sources import TokenizerSettings, prepare_data
+
+    data = prepare_data(_settings(path=str(shard_dir), emulate_ranks=2), TokenizerSettings(), seed=5)
+    stacked, ranks = data.make_train_stream(0, 1), [data.make_train_stream.make_rank_stream(r, 2) for r in (0, 1)]
+    for _ in range(3):
+        batch, parts = stacked.next_batch(32), [r.next_batch(32) for r in ranks]
+        assert batch["input_ids"].shape == (8, 32)
+        assert all(bool((batch[k] == torch.cat([p[k] for p in parts])).all()) for k in batch)
+    saved = json.loads(json.dumps(stacked.state_dict()))
+    after = [stacked.next_batch(32) for _ in range(2)]
+    restored = data.make_train_stream(0, 1)
+    restored.load_state_dict(saved)
+    assert all(bool((a["input_ids"] == restored.next_batch(32)["input_ids"]).all()) for a in after)
+    with pytest.raises(DataError, match="single process"):
+        data.make_train_stream(0, 2)
+    with pytest.raises(DataError, match="stacked ranks"):
+        restored.load_state_dict(ranks[0].state_dict())
+
+
 def test_mixture_of_folders_by_token_weight(shard_dir):
     from groundthink.data.sources import TokenizerSettings, prepare_data
 
@@ -107,8 +130,10 @@ def _losses(run: Path, column: str = "train/loss") -> dict[int, float]:
         return {int(r["step"]): float(r[column]) for r in csv.DictReader(f) if r.get(column)}
 
 
-# The slow tests share one single-process run: data=shards read as 2 ranks' lanes side by side (data.emulate_ranks=2),
-# the global batch of the 2-rank torchrun run, and the uninterrupted reference of the SIGTERM + resume test.
+# The one-process reference of the torchrun test: data=shards read as 2 ranks' lanes side by side
+# (data.emulate_ranks=2), the global batch of the 2-rank run. (A one-process data=shards run killed by SIGTERM and
+# resumed was checked bit-exact by hand; the suite keeps the 2-rank version, which covers the same resume path per
+# rank, to stay within the time budget of the slow tests.)
 COMMON = ["trainer.max_steps=8", "trainer.log_every_n_steps=1", "trainer.val_every_n_steps=4",
           "logger.wandb.enabled=false", "callbacks.progress_bar=false", "callbacks.checkpoint.every_n_steps=100"]
 
@@ -119,21 +144,6 @@ def one_process(shard_dir, tmp_path_factory) -> Path:
     run_train(root, "data=shards", f"data.path={shard_dir}", "data.emulate_ranks=2", *COMMON)
     (run,) = run_dirs(root)
     return run
-
-
-@pytest.mark.slow
-def test_shards_run_resumes_bit_exact_after_sigterm(shard_dir, one_process, tmp_path):
-    steps = ["data=shards", f"data.path={shard_dir}", "data.emulate_ranks=2", *COMMON]
-    run_train(tmp_path, *steps, "faults.sigterm_at_step=3", expect_rc=143)
-    (part,) = run_dirs(tmp_path)
-    sidecar = json.loads((part / "checkpoints/last.json").read_text())
-    assert sidecar["step"] == 3
-    assert [r["kind"] for r in sidecar["data_position"]["stream"]["ranks"]] == ["token-shards"] * 2
-    run_train(tmp_path, *steps, f"resume={part}")
-    reference, resumed = _losses(one_process), _losses(part)
-    assert sorted(resumed) == sorted(reference) == list(range(1, 9))
-    assert all(resumed[s] == reference[s] for s in reference), (resumed, reference)
-    assert _losses(part, "val/loss") == _losses(one_process, "val/loss")
 
 
 def _torchrun(root: Path, *overrides: str, expect_ok: bool = True):
