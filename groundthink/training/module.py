@@ -238,8 +238,10 @@ class LMTrainingModule(L.LightningModule):
             # 0's. Lightning calls this hook on every rank while saving, so the collective is matched.
             import torch.distributed as dist
 
-            mine = {"data_position": self.trained_position, "carried_state": checkpoint.get("carried_state"),
-                    "rng": checkpoint["rng"]}
+            carried = checkpoint.get("carried_state")
+            if carried is not None:  # on the CPU, so the gathered copy does not name another process's device
+                carried = {**carried, "tensors": {k: v.detach().cpu() for k, v in carried["tensors"].items()}}
+            mine = {"data_position": self.trained_position, "carried_state": carried, "rng": checkpoint["rng"]}
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, mine)
             checkpoint["rank_states"] = gathered
