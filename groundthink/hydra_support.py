@@ -19,7 +19,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from groundthink.training.run import UserError
-from groundthink.training.rundir import RunDirError, ensure_writable, new_run_id
+from groundthink.training.rundir import (
+    RunDirError,
+    ensure_writable,
+    launch_key,
+    launch_run_name,
+    launched_rank,
+    new_run_id,
+)
 
 _PROCESS_RUN_ID = new_run_id()
 _PROCESS_TIME = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
@@ -31,6 +38,8 @@ def _run_dir_resolver(root: str, name: str, resume: Any) -> str:
     """hydra.run.dir: a fresh unique folder, or the folder of the run being resumed."""
     if resume not in (None, "null", "None", ""):
         return str(resume)
+    if launched_rank()[1] > 1 and launch_key() is not None:  # torchrun / srun: every rank must name the same folder
+        return f"{root}/{name}/{launch_run_name(launch_key())}"
     return f"{root}/{name}/{_PROCESS_TIME}_{_PROCESS_RUN_ID}"
 
 
@@ -106,6 +115,17 @@ def prepare_argv(argv: list[str]) -> list[str]:
     `0_model.gamma_init=0.01,seed=1` works pasted as printed), and a resumed run's Hydra record goes beside its
     original one. Raises UserError (or RunDirError) with the message to print."""
     out = []
+    rank, world = launched_rank()
+    resuming = any(a.startswith("resume=") and a not in ("resume=null", "resume=") for a in argv)
+    if world > 1:
+        explicit = any(a.startswith("hydra.run.dir=") for a in argv)
+        if launch_key() is None and not (resuming or explicit):
+            raise UserError(
+                f"this is rank {rank} of {world} processes that all run this command line (torchrun/srun), and they "
+                "must agree on one run folder: start torchrun with --standalone (one node) or --rdzv-id=<job id> "
+                "(several nodes), or name the folder with hydra.run.dir=outputs/<name>/<folder>.")
+        if rank > 0:  # rank 0 keeps the run's Hydra record and train.log; the others log to train_rank<r>.log
+            out += ["hydra.output_subdir=null", f"hydra.job.name=train_rank{rank}"]
     for arg in argv:
         if arg.startswith("resume=") and arg not in ("resume=null", "resume="):
             path = arg.split("=", 1)[1]
@@ -115,7 +135,8 @@ def prepare_argv(argv: list[str]) -> list[str]:
                 raise UserError(f"resume={path}: that folder does not exist. Pass the run folder printed at the end "
                                 "of a run (outputs/<name>/<date>_<time>_<id>); nothing was created.")
             arg = "resume='" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
-            out.append(f"hydra.output_subdir=.hydra/resume-{_PROCESS_TIME}")
+            if rank == 0:
+                out.append(f"hydra.output_subdir=.hydra/resume-{_PROCESS_TIME}")
         out.append(arg)
     root = next((a.split("=", 1)[1] for a in argv if a.startswith("paths.output_root=")), None)
     ensure_writable(Path(root or os.environ.get("GROUNDTHINK_OUTPUT_ROOT", "outputs")))

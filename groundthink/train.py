@@ -114,7 +114,7 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
     if trainer_s.num_threads:
         torch.set_num_threads(trainer_s.num_threads)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    data = prepare_data(s["data"], s["tokenizer"], seed=int(cfg.seed), tokenizer_dir=folder.path / "tokenizer",
+    data = prepare_data(s["data"], s["tokenizer"], seed=int(cfg.seed), tokenizer_dir=folder.tokenizer_dir,
                         reuse_tokenizer=folder.resume)
     model_cfg = s["model"].replace(vocab_size=data.vocab_size)
     model = HybridLM(model_cfg)
@@ -158,7 +158,7 @@ def _fit(job: Job, run: SimpleNamespace) -> dict[str, Any]:
     log.info("\n".join(closing_lines(outcome, folder, precision=s["trainer"].precision,
                                      wandb_mode=wandb_record["mode"] if wandb_record else "disabled")))
     gate_exit = 0
-    if s["gate"] is not None and outcome.status != "interrupted":
+    if s["gate"] is not None and outcome.status != "interrupted" and run.trainer.is_global_zero:
         from groundthink.gates import finish_gate_run
 
         gate_exit = finish_gate_run(s["gate"], folder.path, summary=outcome.summary, model=model,

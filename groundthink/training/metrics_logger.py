@@ -108,7 +108,10 @@ class CSVMetricsLogger(Logger):
         self.flush()
 
     def flush(self) -> None:
-        """Write every row, the newest included."""
+        """Write every row, the newest included (rank 0 only: another rank's logger holds no rows, and under
+        data parallelism the checkpoint callback flushes on every rank)."""
+        if rank_zero_only.rank != 0:
+            return
         self._write(upto=len(self.rows))
 
     def _write(self, upto: int) -> None:

@@ -79,12 +79,14 @@ class LMTrainingModule(L.LightningModule):
             carried = carried.reset_lanes(reset, fresh)
         return carried
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor,
+              denominator: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean NLL over the valid labels (or the summed NLL over `denominator`), and its sums for metrics."""
         logits = logits.float()
         flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         nll = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="none")
         valid = flat_labels != -100
-        n_valid = valid.sum().clamp_min(1)
+        n_valid = valid.sum().clamp_min(1) if denominator is None else denominator
         loss = nll.sum() / n_valid
         stats = {"nats": nll.sum().detach(), "tokens": valid.sum().detach()}
         stats["bytes"] = self.token_bytes[flat_labels.clamp_min(0)][valid].sum().detach()
@@ -101,16 +103,19 @@ class LMTrainingModule(L.LightningModule):
         self._inject_faults()
         state = self._state_for(batch, self.carried)
         logits, new_state = self.model(batch["input_ids"], state)
-        loss, stats = self._loss(logits, batch["labels"])
+        world = self.trainer.world_size if self._trainer is not None else 1
+        denominator = self._rank_share_of_tokens(batch["labels"], world) if world > 1 else None
+        loss, stats = self._loss(logits, batch["labels"], denominator)
+        reported = self._global_sums(stats) if world > 1 else stats
         if not torch.isfinite(loss):
             raise NonFiniteLossError(self._describe_non_finite(batch, state, loss))
         if self.capture_outputs:
             self.last_outputs = {"logits": logits.detach(), "labels": batch["labels"], "state_before": state.detach()}
         self.carried = new_state.detach()
         self.trained_position = batch.get("stream_position")
-        metrics = {"train/loss": float(loss.detach())}
-        if stats["bytes"] > 0:
-            metrics["train/bpb"] = float(stats["nats"] / math.log(2) / stats["bytes"])
+        metrics = {"train/loss": float(loss.detach()) if world == 1 else float(reported["nats"] / reported["tokens"])}
+        if reported["bytes"] > 0:
+            metrics["train/bpb"] = float(reported["nats"] / math.log(2) / reported["bytes"])
         if "entropy" in stats:
             metrics["train/entropy"] = float(stats["entropy"])
         metrics["train/seq_len"] = float(batch["input_ids"].shape[1])
@@ -118,6 +123,28 @@ class LMTrainingModule(L.LightningModule):
         self.step_metrics = metrics
         self.log("train/loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch["input_ids"].numel())
         return loss
+
+    @staticmethod
+    def _rank_share_of_tokens(labels: torch.Tensor, world: int) -> torch.Tensor:
+        """Data parallelism: the step must be the one a single process takes on the global batch (every rank's
+        lanes side by side). DDP averages the ranks' gradients, so each rank divides its summed NLL by the mean
+        number of valid labels per rank (global count / world) instead of its own count: the average of the ranks'
+        gradients is then the gradient of the global token mean, whatever each rank's share of padding. (The
+        entropy bonus, if any, stays a per-rank mean.)"""
+        import torch.distributed as dist
+
+        count = (labels != -100).sum().to(torch.float64)
+        dist.all_reduce(count)
+        return (count / world).clamp_min(1.0 / world).to(torch.float32)
+
+    @staticmethod
+    def _global_sums(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The NLL, label and byte sums of the whole global batch (all ranks), for the logged loss and bpb."""
+        import torch.distributed as dist
+
+        sums = torch.stack([stats["nats"].double(), stats["tokens"].double(), stats["bytes"].double()])
+        dist.all_reduce(sums)
+        return {"nats": sums[0], "tokens": sums[1].clamp_min(1), "bytes": sums[2]}
 
     def _inject_faults(self) -> None:
         step, faults = self.current_step, self.faults
@@ -145,16 +172,19 @@ class LMTrainingModule(L.LightningModule):
     @torch.no_grad()
     def validate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """val/loss, val/ppl and val/bpb over held-out batches read lane by lane with carried state (h0 at a
-        document start). Under data parallelism each rank reads every world_size-th batch and the sums are
-        all-reduced. Empty when there is nothing to predict."""
+        document start). Under data parallelism each rank reads every world_size-th lane of every batch (so each
+        lane keeps its state from batch to batch, as in one process) and the sums are all-reduced. Empty when
+        there is nothing to predict."""
         was_training = self.model.training
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64)
         state = None
         rank, world = self.global_rank, self.trainer.world_size if self._trainer is not None else 1
         try:
-            for batch in batches[rank::world]:
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+            for batch in batches:
+                batch = {k: v[rank::world].to(self.device) for k, v in batch.items()}
+                if batch["input_ids"].shape[0] == 0:  # fewer lanes than ranks
+                    continue
                 state = self._state_for(batch, state)
                 logits, state = self.model(batch["input_ids"], state)
                 _, stats = self._loss(logits, batch["labels"])
@@ -201,8 +231,36 @@ class LMTrainingModule(L.LightningModule):
             checkpoint["carried_state"] = {"tensors": self.carried.to_flat(), "position": self.carried.position}
         checkpoint["rng"] = capture_rng_state()
         checkpoint["data_position"] = self.trained_position
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            # Every rank has its own lanes: its data position, carried state and RNG states. Rank 0 writes the file,
+            # so the others' are gathered into it (rank r's under rank_states[r]); the top-level entries stay rank
+            # 0's. Lightning calls this hook on every rank while saving, so the collective is matched.
+            import torch.distributed as dist
+
+            carried = checkpoint.get("carried_state")
+            if carried is not None:  # on the CPU, so the gathered copy does not name another process's device
+                carried = {**carried, "tensors": {k: v.detach().cpu() for k, v in carried["tensors"].items()}}
+            mine = {"data_position": self.trained_position, "carried_state": carried, "rng": checkpoint["rng"]}
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, mine)
+            checkpoint["rank_states"] = gathered
+            checkpoint["groundthink"]["world_size"] = world
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank_states = checkpoint.get("rank_states")
+        if rank_states is not None or world > 1:
+            saved_world = len(rank_states) if rank_states is not None else 1
+            if saved_world != world:
+                from groundthink.training.checkpoint import CheckpointError
+
+                raise CheckpointError(
+                    f"the checkpoint was written by {saved_world} data-parallel rank(s) and this run has {world}: "
+                    "each rank's lanes (data position and carried state) belong to that world size. Resume with "
+                    f"the same number of processes (trainer.devices x trainer.num_nodes = {saved_world}).")
+            if rank_states is not None:
+                checkpoint = {**checkpoint, **rank_states[self.global_rank]}
         carried = checkpoint.get("carried_state")
         if carried is not None:
             self.carried = LMState.from_flat(carried["tensors"], carried["position"])

@@ -28,7 +28,7 @@ from typing import Any
 from groundthink.training.checkpoint import CheckpointError, find_last_good_checkpoint, remove_stale_temp_files
 from groundthink.training.metrics_file import METRICS_FILE, read_metrics_csv
 from groundthink.training.module import NonFiniteLossError
-from groundthink.training.rundir import ensure_writable, new_run_id
+from groundthink.training.rundir import ensure_writable, launched_rank, new_run_id
 
 log = logging.getLogger("groundthink")
 SUMMARY_FILE = "summary.json"
@@ -51,7 +51,8 @@ class RunFolder:
         self.resume = resume
         self.checkpoints = self.path / "checkpoints"
         ensure_writable(self.path)
-        remove_stale_temp_files(self.checkpoints)
+        if launched_rank()[0] == 0:  # under torchrun/srun only rank 0 writes (and cleans) the run folder
+            remove_stale_temp_files(self.checkpoints)
         self.resume_checkpoint: Path | None = None
         self.previous: dict[str, Any] = {}
         if resume:
@@ -66,7 +67,15 @@ class RunFolder:
         self.resume_step = int(self.previous.get("step", 0)) if resume else None
 
     def write_config(self, yaml_text: str) -> None:
-        (self.path / "config.yaml").write_text(yaml_text)
+        if launched_rank()[0] == 0:  # under torchrun/srun rank 0 writes the run's files, the others read them
+            tmp = self.path / ".config.yaml.tmp"
+            tmp.write_text(yaml_text)
+            tmp.replace(self.path / "config.yaml")  # atomic: another rank may be reading it to resume
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """Where the run's tokenizer is saved (rank 0) and reloaded on resume (every rank)."""
+        return self.path / "tokenizer" if launched_rank()[0] == 0 or self.resume else None
 
     def has_checkpoint(self) -> bool:
         return find_last_good_checkpoint(self.path) is not None
@@ -77,7 +86,7 @@ def discard_unstarted_run(run_dir: Path) -> None:
     """Remove a new run's folder that failed before its first training step (Hydra created it; nothing in it is
     worth keeping: the error was printed). A folder with a checkpoint is never removed."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir() or find_last_good_checkpoint(run_dir) is not None:
+    if not run_dir.is_dir() or find_last_good_checkpoint(run_dir) is not None or launched_rank()[0] > 0:
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     try:
@@ -176,6 +185,8 @@ def write_summary(run_dir: Path, **fields: Any) -> dict[str, Any]:
                 if name.endswith(_LOWER_IS_BETTER):
                     best[name] = min(values)
     summary = {**fields, "final": final, "best": best}
+    if launched_rank()[0] > 0:  # torchrun/srun: rank 0's summary is the run's
+        return summary
     tmp = run_dir / f".{SUMMARY_FILE}.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     tmp.replace(run_dir / SUMMARY_FILE)

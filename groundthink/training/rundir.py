@@ -10,6 +10,7 @@ at the first checkpoint.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -73,3 +74,33 @@ def ensure_writable(directory: str | os.PathLike, min_free_bytes: int = DEFAULT_
             "another location with paths.output_root=/path/with/space."
         )
     return directory
+
+
+def launched_rank() -> tuple[int, int]:
+    """(global rank, world size) of a process that torchrun or a multi-task SLURM step started, where every rank
+    runs the whole command line; (0, 1) for a plain command (ddp_spawn's workers never run the command line)."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
+        return int(env["RANK"]), int(env.get("WORLD_SIZE", "1"))
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    return 0, 1
+
+
+def launch_key() -> str | None:
+    """What every rank of one torchrun / SLURM launch shares and no other launch has: torchrun's rendezvous id (a
+    fresh uuid with --standalone, the --rdzv-id given otherwise; torchrun's default "none" is not unique) or the
+    SLURM job and step ids. None when there is none."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env:
+        run_id = env["TORCHELASTIC_RUN_ID"]
+        return None if run_id in ("", "none") else f"torchrun-{run_id}"
+    if "SLURM_JOB_ID" in env:
+        return f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '0')}"
+    return None
+
+
+def launch_run_name(key: str) -> str:
+    """The run folder name every rank of a launch computes alike: `<launcher>_<8 hex digits of the key>`."""
+    kind = "slurm" + key.split(".")[0][len("slurm"):] if key.startswith("slurm") else "torchrun"
+    return f"{kind}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
