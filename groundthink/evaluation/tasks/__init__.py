@@ -13,6 +13,6 @@ Importing this package registers them all.
 """
 
 from groundthink.evaluation.tasks.base import TASKS, EvalError, EvalTask, register_task
-from groundthink.evaluation.tasks import lm  # noqa: F401,I001  (registers the tasks)
+from groundthink.evaluation.tasks import dynamics, generation, lm, mqar, passkey, persona  # noqa: F401,I001
 
 __all__ = ["TASKS", "EvalError", "EvalTask", "register_task"]
