@@ -22,13 +22,22 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from groundthink import schema
-from groundthink.hydra_support import register_resolvers
-
 log = logging.getLogger("groundthink")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-register_resolvers()
-schema.register()
+
+
+def available() -> list[str]:
+    """Task and suite names that `eval=` accepts (conf/eval/*.yaml)."""
+    return sorted(p.stem for p in (Path(CONF_DIR) / "eval").glob("*.yaml"))
+
+
+def _register() -> None:
+    """Hydra's resolvers and ConfigStore schemas (imports torch: after the cheap checks of the command line)."""
+    from groundthink import schema
+    from groundthink.hydra_support import register_resolvers
+
+    register_resolvers()
+    schema.register()
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
@@ -71,8 +80,6 @@ def _hydra_entry(cfg: DictConfig) -> Any:
 
 def precheck(argv: list[str]) -> None:
     """What must be right before Hydra starts: every `run=` path exists and every `eval=` names a task or suite."""
-    from groundthink.evaluation.suite import available
-
     multirun = "-m" in argv or "--multirun" in argv
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -98,6 +105,7 @@ def main() -> None:
     except ValueError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    _register()
     _hydra_entry()
 
 

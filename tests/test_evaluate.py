@@ -132,6 +132,7 @@ def test_suites_compose_in_hydra_as_the_gate_reads_them():
     import groundthink.evaluate as cli
     from groundthink.evaluation.suite import load_suite, task_settings
 
+    cli._register()
     with initialize_config_dir(config_dir=cli.CONF_DIR, version_base="1.3"):
         for suite in ("suite_smoke", "suite_full", "lm"):
             cfg = compose(config_name="evaluate", overrides=["run=x", f"eval={suite}"])

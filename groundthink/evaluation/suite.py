@@ -31,7 +31,9 @@ CONF_EVAL = Path(__file__).resolve().parent.parent.parent / "conf" / "eval"
 
 def available() -> list[str]:
     """Task and suite names that `eval=` accepts (conf/eval/*.yaml)."""
-    return sorted(p.stem for p in CONF_EVAL.glob("*.yaml"))
+    from groundthink.evaluate import available as names
+
+    return names()
 
 
 def load_suite(name: str) -> dict[str, dict[str, Any]]:
