@@ -203,3 +203,64 @@ def test_rerun_replaces_a_tasks_results_atomically(tmp_path):
     assert first == second and second["dynamics"]["eval/dynamics/val_loss_first_change_step"] == 50
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["dynamics"]  # no temporary or old folders
     assert not (run / "eval" / "dynamics" / "stale.txt").exists()
+
+
+# ----- lm-evaluation-harness adapter --------------------------------------------------------------------------------
+LOCAL_TASK = """task: gt_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{continuation}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+PAIRS = [("The sky is", " blue."), ("Once upon a", " time"), ("", "Hello"), ("def f(x):", " return x")]
+
+
+@pytest.mark.slow
+def test_lm_eval_adapter_matches_the_model_and_runs_through_lm_evals_cli(runs, tmp_path):
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    import torch
+
+    from groundthink.evaluation.harness import GroundThinkHarnessLM
+
+    lm = GroundThinkHarnessLM(pretrained=str(runs["trained"]), device="cuda", batch_size=2, max_length=7)
+    tok, model = lm.tokenizer, lm.model
+    scores = lm.loglikelihood([SimpleNamespace(args=p) for p in PAIRS])
+    for (context, continuation), (score, greedy) in zip(PAIRS, scores):
+        ctx = tok.encode(context) or [tok.eos_id]
+        ids = ctx + tok.encode(continuation)
+        with torch.no_grad():
+            logp = model(torch.tensor([ids]), model.init_state(1))[0][0].double().log_softmax(-1)
+        own = sum(float(logp[t - 1, ids[t]]) for t in range(len(ctx), len(ids)))
+        assert score == pytest.approx(own, abs=1e-5) and isinstance(greedy, bool)
+    text = "A longer text than one forward pass of max_length=7 tokens, read with carried state."
+    (rolling,) = lm.loglikelihood_rolling([SimpleNamespace(args=(text,))])
+    ids = [tok.eos_id, *tok.encode(text)]
+    with torch.no_grad():
+        logp = model(torch.tensor([ids]), model.init_state(1))[0][0].double().log_softmax(-1)
+    assert rolling == pytest.approx(sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids))), abs=1e-4)
+    (generated,) = lm.generate_until([SimpleNamespace(args=("Once upon", {"until": ["\n"], "max_gen_toks": 8}))])
+    assert isinstance(generated, str) and "\n" not in generated and len(generated) <= 8 * 4
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"context": c or "Hi", "continuation": t}) + "\n" for c, t in PAIRS))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "gt_local.yaml").write_text(LOCAL_TASK.format(data=data))
+    run_cli(tmp_path, "groundthink.evaluation.harness", "--model", "groundthink", "--model_args",
+            f"pretrained={runs['trained']}", "--include_path", str(tmp_path / "tasks"), "--tasks", "gt_local",
+            "--output_path", str(tmp_path / "results"))
+    (result,) = (tmp_path / "results").rglob("results_*.json")
+    metrics = json.loads(result.read_text())["results"]["gt_local"]
+    assert math.isfinite(metrics["perplexity,none"]) and 0.0 <= metrics["acc,none"] <= 1.0
