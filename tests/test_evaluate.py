@@ -1,9 +1,10 @@
 """groundthink-eval: the task registry, every task through the real CLI on a short-trained and an untrained
 checkpoint, bad inputs, atomic re-runs, and eval columns in groundthink-compare.
 
-One run is trained through the real CLI (40 steps of the tiny model) and shared by the module; the untrained
-checkpoint is a fresh model of the same config written with the project's checkpoint writer into a copy of that
-run folder (same config, tokenizer and metrics.csv, step 0).
+The trained run is the session's tiny run (tests/_trained_run.py: 20 steps of the tiny model through the real
+CLI, shared with the generation and data-generation tests), copied here so its folder stays untouched; the
+untrained checkpoint is a fresh model of the same config written with the project's checkpoint writer into a
+copy of that run folder (same config, tokenizer and metrics.csv, step 0).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, run_dirs, run_train, tiny_config
+from tests._trained_run import trained_tiny_run
+from tests.conftest import run_cli, tiny_config
 
 TASKS = ("lm", "passkey", "mqar", "generation", "persona", "dynamics")
 # suite_smoke, smaller still: the point here is that every task runs end to end.
@@ -41,8 +43,8 @@ def _write_untrained(trained: Path, target: Path) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("evaluate")
-    run_train(root, "trainer.max_steps=40")
-    (trained,) = run_dirs(root)
+    trained = root / "trained_run"
+    shutil.copytree(trained_tiny_run(tmp_path_factory), trained, ignore=shutil.ignore_patterns("eval"))
     untrained = _write_untrained(trained, root / "untrained_run")
     return {"root": root, "trained": trained, "untrained": untrained}
 
@@ -83,6 +85,8 @@ def test_every_task_runs_on_trained_and_untrained_checkpoints(runs, evaluated):
     # groundthink.load round trip: the loaded model reproduces the run's final val/loss on its own validation split.
     assert trained["lm"]["eval/lm/val_loss_abs_diff"] <= 1e-6
     assert trained["dynamics"]["eval/dynamics/columns"] >= 2  # val/loss and train/loss at least
+    assert trained["lm"]["eval/lm/val_loss_logged"] == pytest.approx(json.loads(
+        (runs["trained"] / "summary.json").read_text())["final"]["val/loss"], abs=1e-6)
     print("\ntrained vs untrained:", {t: (trained[t].get(f"eval/{t}/acc_mean"), untrained[t].get(f"eval/{t}/acc_mean"))
                                       for t in ("passkey", "persona", "mqar")},
           "ppl", trained["lm"]["eval/lm/ppl_carried"], untrained["lm"]["eval/lm/ppl_carried"])

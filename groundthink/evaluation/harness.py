@@ -9,8 +9,8 @@
 flag the same) with this module imported first, which registers the model name `groundthink`; in Python,
 `import groundthink.evaluation.harness` then `lm_eval.simple_evaluate(model="groundthink", ...)`.
 model_args: pretrained (a run folder or checkpoint file: groundthink.load), device (cpu), dtype, batch_size
-(sequences per forward pass for loglikelihood; lm-eval's --device cuda falls back to cpu without CUDA), max_length (tokens fed per forward pass; the state is carried
-across them, so it does not limit the context).
+(sequences per forward pass for loglikelihood), max_length (tokens fed per forward pass; the state is carried
+across them, so it does not limit the context). lm-eval's --device cuda falls back to cpu where CUDA is absent.
 
 What each request type means here:
 - loglikelihood(context, continuation): log P(continuation | context) summed over the continuation's tokens

@@ -1,9 +1,9 @@
 """Finding and reading run folders (the layout written by `groundthink-train`, see the README).
 
 A run folder holds config.yaml, summary.json, metrics.csv (wide: `step`, then one column per metric, empty
-where not logged), optionally gates.json and groundthink-eval's eval/<task>/result.json, and under Hydra a `.hydra/overrides.yaml`. A folder with `.hydra/`
-but no summary.json is a job that died before it could write one; it is reported as failed, like a run whose
-summary says `"status": "failed"`.
+where not logged), optionally gates.json and groundthink-eval's eval/<task>/result.json, and under Hydra a
+`.hydra/overrides.yaml`. A folder with `.hydra/` but no summary.json is a job that died before it could write
+one; it is reported as failed, like a run whose summary says `"status": "failed"`.
 
 Only the standard library and yaml are used here, so the CLI starts fast (no torch, no Lightning).
 """

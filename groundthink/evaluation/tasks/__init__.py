@@ -12,7 +12,7 @@
 Importing this package registers them all.
 """
 
-from groundthink.evaluation.tasks.base import TASKS, EvalError, EvalTask, register_task
 from groundthink.evaluation.tasks import dynamics, generation, lm, mqar, passkey, persona  # noqa: F401,I001
+from groundthink.evaluation.tasks.base import TASKS, EvalError, EvalTask, register_task
 
 __all__ = ["TASKS", "EvalError", "EvalTask", "register_task"]

@@ -18,8 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from groundthink.evaluation.tasks.base import EvalError, EvalTask, check_positive, need_tokenizer, plot, register_task
-from groundthink.evaluation.tasks.base import write_csv
+from groundthink.evaluation.tasks.base import (
+    EvalError,
+    EvalTask,
+    check_positive,
+    need_tokenizer,
+    plot,
+    register_task,
+    write_csv,
+)
 
 
 @dataclass

@@ -16,8 +16,15 @@ from typing import Any
 
 import torch
 
-from groundthink.evaluation.tasks.base import EvalError, EvalTask, check_positive, model_device, plot, register_task
-from groundthink.evaluation.tasks.base import write_csv
+from groundthink.evaluation.tasks.base import (
+    EvalError,
+    EvalTask,
+    check_positive,
+    model_device,
+    plot,
+    register_task,
+    write_csv,
+)
 
 
 @dataclass
