@@ -6,6 +6,8 @@ written), and registered in Hydra's ConfigStore. Only the entry points import th
   config is composed, naming the key, the value and the type, before any run folder exists.
 - `model/<preset>`: the model presets of groundthink.models.presets (`model=small`, `model=8m`, ...).
 - `schema/data/<source>`: each registered data source's settings; `conf/data/<source>.yaml` starts from it.
+- `groundthink_eval` and `schema/eval/<task>`: groundthink-eval's root and each evaluation task's settings
+  (`conf/eval/<task>.yaml` starts from it).
 
 The model schema is generated from ModelConfig with one typed field per registered mixer under `mixers`, so
 `model.mixers.rwkv6.n_heads=8` is checked like any other field and a new mixer needs no edit here.
@@ -80,6 +82,33 @@ class TrainConfig:
     local: Any = None
 
 
+@dataclass
+class EvalSelection:
+    """The `eval` group of groundthink-eval: a task or a suite (conf/eval/<name>.yaml) as {task: its settings}."""
+
+    name: str = ""
+    tasks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalWandb:
+    mode: str = "auto"  # auto | online | offline | disabled (auto: as groundthink-train, offline without network)
+
+
+@dataclass
+class EvalConfig:
+    """The root of groundthink-eval's config (conf/evaluate.yaml)."""
+
+    # A run folder (its newest checkpoint that verifies) or one checkpoint file.
+    run: str = "???"
+    eval: EvalSelection = field(default_factory=EvalSelection)
+    device: str = "cpu"
+    dtype: str | None = None  # e.g. bfloat16 (default: as saved)
+    threads: int | None = None  # torch threads (null = torch's default)
+    progress: bool = True  # tqdm bars on standard error for the long loops
+    wandb: EvalWandb = field(default_factory=EvalWandb)
+
+
 def preset_node(name: str) -> Any:
     """A model preset as a ModelSchema instance (every field, nested mixer settings included)."""
     values = dataclasses.asdict(preset(name))
@@ -97,3 +126,8 @@ def register() -> None:
         cs.store(group="model", name=name, node=preset_node(name))
     for name, source in DATA_SOURCES.items():
         cs.store(group="schema/data", name=name, node=source.Settings)
+    from groundthink.evaluation.tasks import TASKS
+
+    cs.store(name="groundthink_eval", node=EvalConfig)
+    for name, task in TASKS.items():
+        cs.store(group="schema/eval", name=name, node=task.Settings)

@@ -35,7 +35,15 @@ def evaluate_token_docs(
     """Metrics over held-out token documents (see the module docstring): eval/loss_<mode>, eval/ppl_<mode> and
     eval/bpb_<mode> for mode carried and reset, eval/ppl_reset_over_carried, eval/tokens, eval/batches."""
     stream = TBPTTStream(docs, batch_size=batch_size, pad_id=pad_id, shuffle=False)
-    batches = stream.validation_batches(seq_len, max_batches)
+    return evaluate_batches(model, stream.validation_batches(seq_len, max_batches), token_bytes=token_bytes)
+
+
+@torch.no_grad()
+def evaluate_batches(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], *,
+                     token_bytes: torch.Tensor) -> dict[str, float]:
+    """The carried and reset passes over ready validation batches (as TBPTTStream.validation_batches gives them;
+    the carried pass reads them exactly as training's validation does, so eval/loss_carried on a run's own
+    validation batches is its val/loss)."""
     if not batches:
         raise ValueError("the held-out documents gave no evaluation batch")
     device = next(model.parameters()).device

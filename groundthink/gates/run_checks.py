@@ -15,8 +15,10 @@ runs the trained model. "Window" means the logged values at steps >= `from` x th
   val/loss at most (1 + `divergence_tolerance`) x its best, and finite); every logged RWKV/Mamba gradient ratio
   inside `grad_ratio_band` (the hybrid branches' diag/grad_ratio_<a>_<b>, e.g. rwkv/mamba); each component's mean
   gradient norm over the second half within `grad_ratio_band` of the baseline's.
-- G4 (evaluation smoke): groundthink.evaluation.evaluate_texts on the held-out texts runs, its perplexities and
-  bits per byte are finite, and they are written to eval.json and metrics.csv (read back to check);
+- G4 (evaluation smoke): the suite `gate.eval.suite` (default suite_smoke, conf/eval/) runs through the
+  groundthink-eval task registry on the trained model (results in <run>/eval/<task>/); its lm task reads the
+  held-out texts with the gate's batch shape: `evaluation_runs` (lm ran), its perplexities and bits per byte
+  finite, written to eval.json and metrics.csv (read back to check); `task/<name>`: every other task ran;
   `carried_state_helps` (reset / carried perplexity >= 1) is a warning.
 - G5: `run_completed` and the final val/loss below `max_val_loss`; `threshold_informative` (warning): ln(vocab)
   exceeds the threshold, i.e. a uniform predictor would not already pass.
@@ -263,21 +265,51 @@ EVAL_FINITE = ("eval/ppl_carried", "eval/ppl_reset", "eval/bpb_carried", "eval/b
 
 def evaluation_criteria(run_dir: Path, model, tokenizer, texts, settings: dict[str, Any],
                         step: int | None) -> list[Criterion]:
-    from groundthink.evaluation.lm_eval import evaluate_texts
+    """G4: the evaluation suite (`settings["suite"]`, default suite_smoke: conf/eval/) through the task registry
+    of groundthink.evaluation, on the model in memory; its lm task reads `texts` with the gate's batch shape."""
+    from groundthink.evaluation.suite import check_tasks, load_suite, run_tasks, task_settings
+    from groundthink.evaluation.tasks import EvalError
 
+    suite = str(settings.get("suite") or "suite_smoke")
     where = (f"{len(texts or [])} held-out documents, batch {settings['batch_size']} x {settings['seq_len']} "
              f"tokens, at most {settings['max_batches']} batches")
+    loaded = _loaded_in_memory(run_dir, model, tokenizer, texts, settings, step)
     try:
-        metrics = evaluate_texts(model, tokenizer, texts or [], batch_size=int(settings["batch_size"]),
-                                 seq_len=int(settings["seq_len"]), max_batches=int(settings["max_batches"]))
-    except Exception as exc:  # noqa: BLE001 - a crash is what G4 reports
-        return [Criterion("evaluation_runs", f"{type(exc).__name__}: {exc}", "no exception", "==", False, where)]
-    criteria = [Criterion("evaluation_runs", "ok", "no exception", "==", True, where)]
+        tasks = task_settings(load_suite(suite))
+        lm = tasks.setdefault("lm", task_settings({"lm": {}})["lm"])
+        lm.batch_size, lm.seq_len, lm.max_batches = (int(settings[k]) for k in ("batch_size", "seq_len",
+                                                                                 "max_batches"))
+    except EvalError as exc:
+        return [Criterion("evaluation_runs", f"EvalError: {exc}", "no exception", "==", False, f"eval={suite}")]
+    outcomes: dict[str, Any] = {}
+    for name, task_s in tasks.items():  # one task's crash is its criterion; the others still run
+        try:
+            check_tasks(loaded, {name: task_s})
+            outcomes[name] = run_tasks(loaded, {name: task_s}, progress=False, log=lambda _: None)[name]
+        except Exception as exc:  # noqa: BLE001 - a crash is what G4 reports
+            if name == "lm" and "held-out" in str(exc):
+                exc = ValueError(f"no held-out texts to evaluate on: {exc}")
+            outcomes[name] = exc
+    lm_out = outcomes.pop("lm")
+    if isinstance(lm_out, Exception):
+        criteria = [Criterion("evaluation_runs", f"{type(lm_out).__name__}: {lm_out}", "no exception", "==", False,
+                              where)]
+    else:
+        criteria = [Criterion("evaluation_runs", "ok", "no exception", "==", True, where)]
+    for name, out in outcomes.items():
+        ok = not isinstance(out, Exception)
+        criteria.append(Criterion(f"task/{name}", "ok" if ok else f"{type(out).__name__}: {out}", "no exception",
+                                  "==", ok, f"{suite}: task {name} -> {run_dir / 'eval' / name}"))
+    if isinstance(lm_out, Exception):
+        return criteria
+    metrics = {f"eval/{k.removeprefix('eval/lm/')}": v for k, v in lm_out.items()
+               if k.removeprefix("eval/lm/") in _LM_KEYS}
     for key in EVAL_FINITE:
         value = metrics[key]
         criteria.append(Criterion(f"finite/{key}", value, "finite", "is", math.isfinite(value),
                                   f"{key} = {value:.4g} over {int(metrics['eval/tokens'])} predicted tokens"))
-    criteria.append(_log_evaluation(run_dir, metrics, step))
+    suite_scalars = {k: v for out in outcomes.values() if not isinstance(out, Exception) for k, v in out.items()}
+    criteria.append(_log_evaluation(run_dir, metrics, step, extra=suite_scalars))
     ratio = metrics["eval/ppl_reset_over_carried"]
     criteria.append(Criterion("carried_state_helps", ratio, 1.0, ">=", math.isfinite(ratio) and ratio >= 1.0,
                               f"perplexity with the state reset every segment {metrics['eval/ppl_reset']:.4g} vs "
@@ -285,12 +317,36 @@ def evaluation_criteria(run_dir: Path, model, tokenizer, texts, settings: dict[s
     return criteria
 
 
-def _log_evaluation(run_dir: Path, metrics: dict[str, float], step: int | None) -> Criterion:
-    """Write eval.json and merge the metrics into metrics.csv at the run's last logged step; read both back."""
+_LM_KEYS = ("loss_carried", "ppl_carried", "bpb_carried", "loss_reset", "ppl_reset", "bpb_reset",
+            "ppl_reset_over_carried", "tokens", "batches")
+
+
+def _loaded_in_memory(run_dir: Path, model, tokenizer, texts, settings: dict[str, Any], step: int | None):
+    """What groundthink.load would return for this run, from the model and texts in memory."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    config_file = Path(run_dir) / "config.yaml"
+    config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    loaded = SimpleNamespace(model=model, tokenizer=tokenizer, config=config, model_config=model.cfg,
+                             checkpoint=Path(run_dir) / "checkpoints" / "last.safetensors", run_dir=Path(run_dir),
+                             step=step, checkpoint_sha256="", run_id=None, wandb_run_id=None)
+    loaded._heldout = {"texts": list(texts or []), "batch_size": int(settings["batch_size"]),
+                       "seq_len": int(settings["seq_len"]), "val_batches": int(settings["max_batches"]),
+                       "seed": int(config.get("seed", 0) or 0)}
+    return loaded
+
+
+def _log_evaluation(run_dir: Path, metrics: dict[str, float], step: int | None,
+                    extra: dict[str, float] | None = None) -> Criterion:
+    """Write eval.json (the lm metrics under `metrics`, the other tasks' scalars under `suite`) and merge the lm
+    metrics into metrics.csv at the run's last logged step; read both back."""
     from groundthink.training.metrics_file import read_metrics_csv
     from groundthink.training.metrics_logger import CSVMetricsLogger
 
-    (run_dir / "eval.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2) + "\n")
+    (run_dir / "eval.json").write_text(json.dumps({"step": step, "metrics": metrics, "suite": extra or {}},
+                                                  indent=2) + "\n")
     csv_file = run_dir / "metrics.csv"
     last = 0
     if csv_file.is_file():

@@ -180,7 +180,14 @@ def cell_stats(cell: Cell) -> dict[str, float]:
     stats["num_params_varies"] = float(len(set(params)) > 1)
     stats["gates_pass"] = float(sum(r.gate_verdict == "PASS" for r in cell.runs))
     stats["gates_fail"] = float(sum(r.gate_verdict == "FAIL" for r in cell.runs))
+    for key in eval_keys(cell.runs):  # groundthink-eval results: mean ± std over the runs that have them
+        stats[f"{key}_mean"], stats[f"{key}_std"] = mean_std([r.evals[key] for r in ok if key in r.evals])
     return stats
+
+
+def eval_keys(runs: list[Run]) -> list[str]:
+    """Every groundthink-eval scalar some run has (eval/<task>/<key>), sorted."""
+    return sorted({k for r in runs for k in r.evals})
 
 
 _SPLIT_ITEMS = re.compile(r"[,\s]+(?=[+~]*[\w.\-/]+=)")

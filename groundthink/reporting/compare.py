@@ -27,6 +27,7 @@ from groundthink.reporting.cells import (
     LOSS_METRICS,
     Cell,
     apply_baseline,
+    eval_keys,
     find_baseline,
     group_cells,
     varying_axes,
@@ -117,8 +118,10 @@ def _cell_row(cell: Cell, axes: list[str]) -> dict[str, str]:
 
 def write_cells_csv(cells: list[Cell], axes: list[str], path: Path) -> None:
     rows = [_cell_row(c, axes) for c in cells]
+    fields = list(rows[0])
+    fields += sorted({k for r in rows for k in r} - set(fields))  # eval columns some cells lack
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -128,6 +131,8 @@ def write_runs_csv(cells: list[Cell], axes: list[str], seed_keys: tuple[str, ...
     for metric in LOSS_METRICS:
         fields += [f"final_{_metric_col(metric)}", f"best_{_metric_col(metric)}"]
     fields += ["tokens_per_s", "num_params", "wall_s", "run_id", "gate", "gate_verdict", "path"]
+    evals = eval_keys([r for cell in cells for r in cell.runs])
+    fields += [_metric_col(k) for k in evals]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -143,6 +148,7 @@ def write_runs_csv(cells: list[Cell], axes: list[str], seed_keys: tuple[str, ...
                 for metric in LOSS_METRICS:
                     row[f"final_{_metric_col(metric)}"] = _num(r.final(metric))
                     row[f"best_{_metric_col(metric)}"] = _num(r.best(metric))
+                row.update({_metric_col(k): _num(r.evals.get(k, math.nan)) for k in evals})
                 writer.writerow(row)
 
 
@@ -186,6 +192,7 @@ def render_markdown(cells: list[Cell], common: dict[str, str], baseline: Cell, w
             stat("tokens_per_s", ",.0f"),
             _params(s["num_params"], bool(s["num_params_varies"])), gates,
             f"{c.ratio:.3f}" if math.isfinite(c.ratio) else "—", c.verdict, status)) + " |")
+    lines += _eval_table(cells)
     failed = [(c, r) for c in cells for r in c.runs if r.failed]
     if failed:
         lines += ["", "## Failed runs", "", "| run | cell | status | error (first line) |",
@@ -210,6 +217,26 @@ def render_markdown(cells: list[Cell], common: dict[str, str], baseline: Cell, w
         "",
     ]
     return "\n".join(lines)
+
+
+# The groundthink-eval results shown in report.md (all of them are in cells.csv and runs.csv).
+EVAL_HEADLINE = ("eval/lm/ppl_carried", "eval/lm/ppl_reset_over_carried", "eval/lm/beyond_over_first",
+                 "eval/passkey/acc_mean", "eval/mqar/acc_mean", "eval/persona/acc_mean",
+                 "eval/generation/tokens_per_s", "eval/generation/rss_growth", "eval/dynamics/n_changes")
+
+
+def _eval_table(cells: list[Cell]) -> list[str]:
+    keys = [k for k in EVAL_HEADLINE if any(f"{k}_mean" in c.stats for c in cells)]
+    if not keys:
+        return []
+    lines = ["", "## Evaluation (groundthink-eval)", "",
+             "Mean ± std over the completed runs of each cell that have the result (`<run>/eval/<task>/"
+             "result.json`); every eval scalar is a column of cells.csv and runs.csv.", "",
+             "| cell | " + " | ".join(f"`{k}`" for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for c in cells:
+        values = [_pm(c.stats.get(f"{k}_mean", math.nan), c.stats.get(f"{k}_std", math.nan), ".4g") for k in keys]
+        lines.append("| " + " | ".join(_md(x) for x in [c.label, *values]) + " |")
+    return lines
 
 
 def write_report(runs: list[Run], out: Path, *, baseline_spec: str | None, within: float,

@@ -1,9 +1,9 @@
 """Finding and reading run folders (the layout written by `groundthink-train`, see the README).
 
 A run folder holds config.yaml, summary.json, metrics.csv (wide: `step`, then one column per metric, empty
-where not logged), optionally gates.json, and under Hydra a `.hydra/overrides.yaml`. A folder with `.hydra/`
-but no summary.json is a job that died before it could write one; it is reported as failed, like a run whose
-summary says `"status": "failed"`.
+where not logged), optionally gates.json and groundthink-eval's eval/<task>/result.json, and under Hydra a
+`.hydra/overrides.yaml`. A folder with `.hydra/` but no summary.json is a job that died before it could write
+one; it is reported as failed, like a run whose summary says `"status": "failed"`.
 
 Only the standard library and yaml are used here, so the CLI starts fast (no torch, no Lightning).
 """
@@ -49,6 +49,7 @@ class Run:
     gate: str | None = None
     gate_verdict: str | None = None
     gates: dict[str, Any] | None = None  # the run's gates.json, when it has one
+    evals: dict[str, float] = field(default_factory=dict)  # groundthink-eval scalars: {"eval/lm/ppl_carried": ...}
 
     @property
     def failed(self) -> bool:
@@ -219,7 +220,22 @@ def load_run(path: Path, root: Path) -> Run:
         except (OSError, json.JSONDecodeError, AttributeError) as exc:
             raise CompareError(f"cannot read {gates_file}: {exc}") from None
     return Run(path=str(path), name=name, status=status, error=error, overrides=read_overrides(path),
-               config=config, series=series, summary=summary, gate=gate, gate_verdict=gate_verdict, gates=gates)
+               config=config, series=series, summary=summary, gate=gate, gate_verdict=gate_verdict, gates=gates,
+               evals=read_eval_results(path))
+
+
+def read_eval_results(path: Path) -> dict[str, float]:
+    """The scalars of every `<run>/eval/<task>/result.json` written by groundthink-eval ({} when none); an
+    unreadable file is skipped with a warning."""
+    out: dict[str, float] = {}
+    for file in sorted(path.glob("eval/*/result.json")):
+        try:
+            metrics = json.loads(file.read_text(encoding="utf-8")).get("metrics") or {}
+        except (OSError, json.JSONDecodeError, AttributeError) as exc:
+            print(f"warning: {file} unreadable ({exc}); its eval columns are left empty", file=sys.stderr)
+            continue
+        out.update({str(k): _as_float(v) for k, v in metrics.items()})
+    return out
 
 
 def load_runs(paths: list[str | os.PathLike]) -> list[Run]:
