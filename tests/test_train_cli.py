@@ -66,12 +66,23 @@ def test_default_run_writes_every_artifact_with_1_based_steps(tmp_path):
     assert "bits/byte" in proc.stdout and "resume" in proc.stdout
 
 
-def test_resume_after_sigterm_is_bit_exact(tmp_path):
-    steps = ["trainer.max_steps=16", "trainer.log_every_n_steps=1", "trainer.val_every_n_steps=5",
-             "callbacks.checkpoint.every_n_steps=100"]
-    run_train(tmp_path / "a", *steps)
-    (full,) = run_dirs(tmp_path / "a")
+# The interrupted runs below are compared, row by row, with one uninterrupted run of the same settings.
+STEPS = ["trainer.max_steps=16", "trainer.log_every_n_steps=1", "trainer.val_every_n_steps=5",
+         "callbacks.checkpoint.every_n_steps=5"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    run_train(root, *STEPS)
+    (full,) = run_dirs(root)
+    return full
+
+
+def test_resume_after_sigterm_is_bit_exact(tmp_path, uninterrupted):
+    """SIGTERM between checkpoints (step 7; they are every 5 steps): the run saves step 7 and exits 143; the resume
+    continues from step 7 in the same folder and its every row equals the uninterrupted run's."""
+    steps, full = STEPS, uninterrupted
     killed = run_train(tmp_path / "b", *steps, "faults.sigterm_at_step=7", expect_rc=143)
     (part,) = run_dirs(tmp_path / "b")
     assert json.loads((part / "summary.json").read_text())["status"] == "interrupted"
@@ -90,13 +101,10 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path):
     assert {p.name.split("-")[-1] for p in (part / "wandb").glob("offline-run-*")} == {sidecar["wandb_run_id"]}
 
 
-def test_sigkill_right_after_a_checkpoint_loses_no_row_and_leaves_no_temp_file(tmp_path):
+def test_sigkill_right_after_a_checkpoint_loses_no_row_and_leaves_no_temp_file(tmp_path, uninterrupted):
     """Issue 11 item 2: a kill -9 just after `last.json` appears used to lose the step's validation row (and once
     the train row before it) for good, and a half-written `.last.safetensors.tmp-*` stayed behind."""
-    steps = ["trainer.max_steps=14", "trainer.log_every_n_steps=1", "trainer.val_every_n_steps=5",
-             "callbacks.checkpoint.every_n_steps=5"]
-    run_train(tmp_path / "a", *steps)
-    (full,) = run_dirs(tmp_path / "a")
+    steps, full = STEPS, uninterrupted
     run_train(tmp_path / "b", *steps, "faults.sigkill_after_checkpoint_at_step=10", expect_rc=-9)
     (part,) = run_dirs(tmp_path / "b")
     assert read_column(part, "val/loss").keys() == {5, 10}  # the row of the checkpointed step is on disk

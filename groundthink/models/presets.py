@@ -50,12 +50,19 @@ PRESETS: dict[str, dict] = {
 MATCH_TOLERANCE = 0.05
 
 
+_COUNTS: dict[str, int] = {}
+
+
 def count_params(cfg: ModelConfig) -> int:
-    """Parameter count of HybridLM(cfg), built on the meta device (no memory allocated, no init cost)."""
+    """Parameter count of HybridLM(cfg), built on the meta device (no memory allocated, no init cost); remembered
+    per config (its repr names every field), since param_matched's searches ask for the same sizes many times."""
     from groundthink.models.lm import HybridLM
 
-    with torch.device("meta"):
-        return HybridLM(cfg, device="meta").num_params()
+    key = repr(cfg)
+    if key not in _COUNTS:
+        with torch.device("meta"):
+            _COUNTS[key] = HybridLM(cfg, device="meta").num_params()
+    return _COUNTS[key]
 
 
 def preset(name: str, **changes) -> ModelConfig:
