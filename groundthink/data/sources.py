@@ -111,6 +111,7 @@ class PreparedData:
     val_texts: list[str] = field(default_factory=list)
     description: str = ""  # one line for the run's banner, e.g. "1.07M training tokens"
     pad_id: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)  # source-specific counts for summary.json (chat: by role)
 
 
 class DataSource:
@@ -407,3 +408,6 @@ class StackedStream:
                             "(data.emulate_ranks): resume with the settings the run started with")
         for stream, position in zip(self.streams, ranks):
             stream.load_state_dict(position)
+
+
+from groundthink.data import chat as _chat  # noqa: E402,F401  (registers data=chat)
