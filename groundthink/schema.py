@@ -79,6 +79,8 @@ class TrainConfig:
     # Start from another run's weights (fine-tuning): `init_from=<run folder or checkpoint>`; model shape and
     # vocabulary must match the parent's, the tokenizer is the parent's (groundthink/training/lineage.py).
     init_from: str | None = None
+    # The training stage (conf/stage/: pretrain | sft), set by the stage group; stage=sft requires init_from.
+    stage: str = "pretrain"
     faults: FaultSettings = field(default_factory=FaultSettings)
     # Site settings from the git-ignored conf/local/default.yaml (e.g. `slurm:` defaults that
     # conf/hydra/launcher/slurm.yaml reads); absent on most machines.

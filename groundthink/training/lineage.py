@@ -18,12 +18,14 @@ from typing import Any
 from groundthink.training.run import UserError
 
 
-def required(cfg: Any) -> str | None:
-    """cfg.init_from, or a clear error when a preset (stage=sft) requires it and it was not given."""
-    from omegaconf import OmegaConf
+STAGES_WITH_A_PARENT = ("sft",)  # stages that start from a trained run (conf/stage/<name>.yaml)
 
-    if "init_from" in cfg and OmegaConf.is_missing(cfg, "init_from"):
-        raise UserError("this stage starts from a trained run: give init_from=<run folder or checkpoint> "
+
+def required(cfg: Any) -> str | None:
+    """cfg.init_from, or a clear error when the stage (stage=sft) requires it and it was not given."""
+    stage = cfg.get("stage") or "pretrain"
+    if stage in STAGES_WITH_A_PARENT and not cfg.get("init_from"):
+        raise UserError(f"stage={stage} starts from a trained run: give init_from=<run folder or checkpoint> "
                         "(e.g. stage=sft init_from=outputs/tiny/2026-11-24_07-00-00_1a2b3c4d)")
     value = cfg.get("init_from")
     return str(value) if value else None
