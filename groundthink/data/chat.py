@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from groundthink.data.errors import DataError
@@ -170,12 +169,32 @@ def encode_conversations(tok: Any, conversations: list[list[dict[str, Any]]], ma
     return TokenizedDocuments.from_lists(docs), TokenizedDocuments.from_lists(flags), counts, truncated
 
 
+def split_conversations(conversations: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out) by conversation: the split `corpus.split_documents` makes of as many documents (it depends
+    only on their number and the seed), so groundthink-eval's lm task, which splits `ChatSource.documents`, holds out
+    the same conversations. A single conversation is all training (nothing held out)."""
+    from groundthink.data.corpus import split_documents
+
+    if len(conversations) < 2:
+        return list(conversations), []
+    _, val = split_documents([str(i) for i in range(len(conversations))], val_fraction, seed=seed)
+    held = {int(i) for i in val}
+    return ([c for i, c in enumerate(conversations) if i not in held],
+            [c for i, c in enumerate(conversations) if i in held])
+
+
 @register_source
 class ChatSource(DataSource):
     """Chat JSONL for SFT (ChatDataSettings; the module docstring)."""
 
     name = "chat"
     Settings = ChatDataSettings
+
+    def documents(self, settings: ChatDataSettings) -> list[str]:
+        """The conversations rendered as text (what groundthink-eval's lm task reads; split like `prepare`)."""
+        from groundthink.data.corpus import render_chat
+
+        return [render_chat(m) for m in read_conversations(settings.path, settings.max_documents)]
 
     def prepare(self, settings: ChatDataSettings, tokenizer: TokenizerSettings, *, seed: int,
                 tokenizer_dir: Path | None = None, reuse_tokenizer: bool = False) -> PreparedData:
@@ -187,12 +206,7 @@ class ChatSource(DataSource):
         if not 0.0 <= float(settings.val_fraction) < 1.0:
             raise DataError(f"data.val_fraction={settings.val_fraction} must be in [0, 1)")
         conversations = read_conversations(settings.path, settings.max_documents)
-        order = np.random.default_rng([seed, 15]).permutation(len(conversations))
-        n_val = min(len(conversations) - 1, int(round(len(conversations) * settings.val_fraction)))
-        if settings.val_fraction > 0 and len(conversations) > 1:
-            n_val = max(n_val, 1)
-        val_idx, train_idx = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
-        train_convs, val_convs = [conversations[i] for i in train_idx], [conversations[i] for i in val_idx]
+        train_convs, val_convs = split_conversations(conversations, settings.val_fraction, seed)
         val_texts = [render_chat(m) for m in val_convs]
         if reuse_tokenizer and tokenizer_dir is not None and tokenizer_dir.exists():
             tok = Tokenizer.load(tokenizer_dir)
