@@ -7,6 +7,7 @@
     data=mixture                     a weighted mixture of the above
     data=shards data.path=shards/x   token shards written by groundthink-tokenize (constant memory; a token-weighted
                                      mixture of shard folders with data.mixture=[{path: ..., weight: 0.6}, ...])
+    data=chat data.path=chat.jsonl   chat JSONL for SFT, loss on assistant tokens only (groundthink/data/chat.py)
 
 A source's `prepare(settings, tokenizer, seed=..., tokenizer_dir=..., reuse_tokenizer=...)` returns PreparedData:
 the tokenizer (built, or reloaded from the run folder on resume, and saved there), the vocabulary size the model

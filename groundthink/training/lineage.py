@@ -11,7 +11,6 @@ shows it as the `parent` column.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +47,7 @@ def load_parent(init_from: str, tokenizer_settings: Any, tokenizer_dir: Path, *,
         raise UserError(f"init_from={init_from}: vocabulary mismatch: parent tokenizer {tok.kind} with "
                         f"{tok.vocab_size} ids, this run asks for tokenizer.kind={want[0]} vocab_size={want[1]}; "
                         f"the tokenizer comes from the parent (use tokenizer={tok.kind}, or no tokenizer override)")
-    if not resume:
-        if tokenizer_dir.exists():
-            shutil.rmtree(tokenizer_dir)
+    if not resume:  # as the text sources do (every rank writes the same files)
         tok.save(tokenizer_dir)
     return parent
 
