@@ -18,7 +18,9 @@ token are context only: the label that would predict them is -100 (`IGNORE_INDEX
 Each conversation is one document of the TBPTT stream: it starts a lane's segment with a fresh (or learned h0)
 state and is carried across segments until it ends; conversations longer than ``max_tokens`` (default 4096) are
 truncated to that many tokens (the count is logged and stored in summary.json). Held-out conversations
-(``val_fraction``, by conversation) give the validation batches.
+(``val_fraction``, by conversation) give the validation batches. groundthink-eval's `lm` task on an SFT run reads the
+same held-out conversations (`ChatSource.documents`, split alike) but scores every token, so its `loss_carried` is
+not the run's assistant-only val/loss (its `val_loss_abs_diff` is not a load check for chat runs).
 """
 
 from __future__ import annotations
