@@ -76,6 +76,11 @@ class TrainConfig:
     tags: list[str] = field(default_factory=list)
     # Continue a run from its last good checkpoint: `resume=outputs/default/2026-11-24_07-00-00_1a2b3c4d`.
     resume: str | None = None
+    # Start from another run's weights (fine-tuning): `init_from=<run folder or checkpoint>`; model shape and
+    # vocabulary must match the parent's, the tokenizer is the parent's (groundthink/training/lineage.py).
+    init_from: str | None = None
+    # The training stage (conf/stage/: pretrain | sft), set by the stage group; stage=sft requires init_from.
+    stage: str = "pretrain"
     faults: FaultSettings = field(default_factory=FaultSettings)
     # Site settings from the git-ignored conf/local/default.yaml (e.g. `slurm:` defaults that
     # conf/hydra/launcher/slurm.yaml reads); absent on most machines.

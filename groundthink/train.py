@@ -98,7 +98,7 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
     quiet_lightning()
     from groundthink.data.sources import prepare_data
     from groundthink.models import HybridLM
-    from groundthink.training import assembly
+    from groundthink.training import assembly, lineage
     from groundthink.training.callbacks import count_flops_params
     from groundthink.training.datamodule import TBPTTDataModule
     from groundthink.training.diagnostics import build_diagnostics
@@ -114,15 +114,18 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
     if trainer_s.num_threads:
         torch.set_num_threads(trainer_s.num_threads)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    init_from = lineage.required(cfg)  # the parent (stage=sft): strict shape/vocabulary checks before any step
+    parent = init_from and lineage.load_parent(init_from, s["tokenizer"], folder.tokenizer_dir, resume=folder.resume)
     data = prepare_data(s["data"], s["tokenizer"], seed=int(cfg.seed), tokenizer_dir=folder.tokenizer_dir,
-                        reuse_tokenizer=folder.resume)
-    model_cfg = s["model"].replace(vocab_size=data.vocab_size)
-    model = HybridLM(model_cfg)
+                        reuse_tokenizer=folder.resume or bool(parent))
+    model = HybridLM(s["model"].replace(vocab_size=data.vocab_size))
+    lineage_fields = {"parent": lineage.init_weights(model, parent, init_from)} if parent else {}
     if trainer_s.compile:
         assembly.compile_blocks(model)
     config = OmegaConf.to_container(cfg, resolve=True)
     run_meta = {"run_id": folder.run_id, "wandb_run_id": folder.wandb_run_id, "config": config,
-                "provenance": collect_provenance(), "num_params": model.num_params(), "impl": model.impls()}
+                "provenance": collect_provenance(), "num_params": model.num_params(), "impl": model.impls(),
+                **lineage_fields}
     module = LMTrainingModule(model, optim=optim_s, max_steps=trainer_s.max_steps,
                               token_bytes=data.token_bytes, faults=s["faults"], run_meta=run_meta)
     mode = wandb_mode(logger_s.wandb.mode) if logger_s.wandb.enabled else "disabled"
@@ -140,7 +143,8 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
                                      run_dir=folder.path, progress_bar=s["callbacks"].progress_bar)
     datamodule = TBPTTDataModule(data, curriculum=Curriculum(s["data"].curriculum, s["data"].seq_len),
                                  accumulate_grad_batches=trainer_s.accumulate_grad_batches)
-    return SimpleNamespace(s=s, folder=folder, data=data, model=model, module=module, loggers=loggers,
+    extra = {**lineage_fields, **({"data_stats": data.stats} if data.stats else {})}  # summary.json additions
+    return SimpleNamespace(s=s, folder=folder, data=data, model=model, module=module, loggers=loggers, extra=extra,
                            callbacks=callbacks, trainer=trainer, datamodule=datamodule, wandb_record=wandb_record)
 
 
@@ -154,7 +158,7 @@ def _fit(job: Job, run: SimpleNamespace) -> dict[str, Any]:
     outcome = fit_run(run.trainer, run.module, run.datamodule, folder, loggers=run.loggers,
                       checkpointing=run.callbacks["checkpointing"], throughput=run.callbacks["throughput"],
                       wandb_on=wandb_record is not None, job_start=job.started,
-                      summary_fields={"num_params": model.num_params(), "wandb": wandb_record})
+                      summary_fields={"num_params": model.num_params(), "wandb": wandb_record, **run.extra})
     log.info("\n".join(closing_lines(outcome, folder, precision=s["trainer"].precision,
                                      wandb_mode=wandb_record["mode"] if wandb_record else "disabled")))
     gate_exit = 0

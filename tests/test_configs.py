@@ -22,10 +22,12 @@ from tests.conftest import REPO, run_cli
 CONF = REPO / "conf"
 SWEEPS = REPO / "sweeps"
 # Options that need a value the user must give (marked ??? in their schema).
-REQUIRED = {"data=file": ["data.path=x.txt"], "data=hub": ["data.hub_name=some/dataset"]}
+REQUIRED = {"data=file": ["data.path=x.txt"], "data=hub": ["data.hub_name=some/dataset"],
+            "data=chat": ["data.path=x.jsonl"], "stage=sft": ["data.path=x.jsonl"],
+            "experiment=sft_control_vs_treatment": ["data.path=x.jsonl"]}
 # The groups of groundthink-train's root config (other entry points have their own primary configs in conf/).
 GROUPS = ["model", "mixer", "tokenizer", "data", "optim", "trainer", "logger", "callbacks", "diagnostics", "paths",
-          "experiment", "gate", "debug"]
+          "stage", "experiment", "gate", "debug"]
 
 
 def options(group: str) -> list[str]:

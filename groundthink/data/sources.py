@@ -7,6 +7,7 @@
     data=mixture                     a weighted mixture of the above
     data=shards data.path=shards/x   token shards written by groundthink-tokenize (constant memory; a token-weighted
                                      mixture of shard folders with data.mixture=[{path: ..., weight: 0.6}, ...])
+    data=chat data.path=chat.jsonl   chat JSONL for SFT, loss on assistant tokens only (groundthink/data/chat.py)
 
 A source's `prepare(settings, tokenizer, seed=..., tokenizer_dir=..., reuse_tokenizer=...)` returns PreparedData:
 the tokenizer (built, or reloaded from the run folder on resume, and saved there), the vocabulary size the model
@@ -111,6 +112,7 @@ class PreparedData:
     val_texts: list[str] = field(default_factory=list)
     description: str = ""  # one line for the run's banner, e.g. "1.07M training tokens"
     pad_id: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)  # source-specific counts for summary.json (chat: by role)
 
 
 class DataSource:
@@ -407,3 +409,6 @@ class StackedStream:
                             "(data.emulate_ranks): resume with the settings the run started with")
         for stream, position in zip(self.streams, ranks):
             stream.load_state_dict(position)
+
+
+from groundthink.data import chat as _chat  # noqa: E402,F401  (registers data=chat)

@@ -126,11 +126,20 @@ def write_cells_csv(cells: list[Cell], axes: list[str], path: Path) -> None:
         writer.writerows(rows)
 
 
+def _parent_of(run: Run) -> str:
+    """The lineage of a fine-tuned run (init_from=): its parent's run id and step, e.g. `1f62ee27@20`."""
+    parent = run.summary.get("parent")
+    if not isinstance(parent, dict):
+        return ""
+    step = parent.get("step")
+    return f"{parent.get('run_id') or parent.get('checkpoint', '')}" + (f"@{step}" if step is not None else "")
+
+
 def write_runs_csv(cells: list[Cell], axes: list[str], seed_keys: tuple[str, ...], path: Path) -> None:
     fields = ["run", "cell", *axes, "seed", "status", "error", "step"]
     for metric in LOSS_METRICS:
         fields += [f"final_{_metric_col(metric)}", f"best_{_metric_col(metric)}"]
-    fields += ["tokens_per_s", "num_params", "wall_s", "run_id", "gate", "gate_verdict", "path"]
+    fields += ["tokens_per_s", "num_params", "wall_s", "run_id", "parent", "gate", "gate_verdict", "path"]
     evals = eval_keys([r for cell in cells for r in cell.runs])
     fields += [_metric_col(k) for k in evals]
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -142,7 +151,7 @@ def write_runs_csv(cells: list[Cell], axes: list[str], seed_keys: tuple[str, ...
                        "error": _first_line(r.error) if r.failed else "", "step": r.summary.get("step", ""),
                        "tokens_per_s": _num(r.tokens_per_s()),
                        "num_params": _num(r.num_params()), "wall_s": r.summary.get("wall_s", ""),
-                       "run_id": r.summary.get("run_id", ""), "gate": r.gate or "",
+                       "run_id": r.summary.get("run_id", ""), "parent": _parent_of(r), "gate": r.gate or "",
                        "gate_verdict": r.gate_verdict or "", "path": r.path}
                 row.update({a: cell.params.get(a, "") for a in axes})
                 for metric in LOSS_METRICS:
