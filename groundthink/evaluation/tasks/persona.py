@@ -10,7 +10,11 @@ favourite colour, a home city, a pet), stated in one turn with the control token
 exchanges drawn from a fixed list) until at least `distance` tokens separate the end of the persona turn from the
 probe; then, for each attribute, `<|user|>What is your name?<|end|>\n<|assistant|>My name is` and the score: the
 true value's log-likelihood (" Mira.") against `distractors` other values of the same attribute. A probe is
-correct when the true value scores highest; chance is 1 / (1 + distractors). One carried-state stream per persona,
+correct when the true value scores highest; chance is 1 / (1 + distractors). With `calibrate` (the default) each
+value's score is its log-likelihood minus its log-likelihood after the same question asked with no persona and no
+filler (from h0): summed log-likelihoods favour short and frequent values ("red" over "purple"), a prior that
+would otherwise decide most probes for trained and untrained models alike (measured on the 300-step default run:
+0.175 accuracy uncalibrated, trained and untrained, against a chance of 0.25). One carried-state stream per persona,
 probed at every distance (the state is copied for the probes, so they do not enter the conversation).
 Results: accuracy per distance (persona.csv, persona.png; the actual mean distance in tokens is in the CSV);
 scalars acc_d<distance>, acc_mean, chance.
@@ -76,6 +80,7 @@ class PersonaSettings:
     personas: int = 8
     distractors: int = 3
     role: str = "persona"  # the control token of the persona turn: persona | system
+    calibrate: bool = True  # subtract each value's log-likelihood given the question alone (module docstring)
     seed: int = 0
 
 
@@ -115,6 +120,18 @@ class PersonaTask(EvalTask):
         correct = {d: 0 for d in distances}
         total = {d: 0 for d in distances}
         actual: dict[int, list[int]] = {d: [] for d in distances}
+        priors: dict[tuple[str, ...], list[float]] = {}
+
+        def prior(question: str, prefix: str, fmt: str, values: list[str]) -> list[float]:
+            """log P(value | the question alone, asked from h0): what the model prefers without the persona."""
+            key = (question, *values)
+            if key not in priors:
+                ids = tok.encode(f"{ROLE_TOKENS['user']}{question}{END_OF_TURN_TOKEN}\n"
+                                 f"{ROLE_TOKENS['assistant']}{prefix}")
+                last, asked = feed(model, ids, model.init_state(1, model_device(model)))
+                priors[key] = score_candidates(model, asked, last, [tok.encode(fmt.format(v)) for v in values])
+            return priors[key]
+
         bar = progress(len(probe_set(s)) * len(distances), "persona")
         for persona in probe_set(s):
             text = f"{ROLE_TOKENS[s.role]}{STATEMENT.format(**persona)}{END_OF_TURN_TOKEN}\n"
@@ -136,6 +153,8 @@ class PersonaTask(EvalTask):
                                        f"{ROLE_TOKENS['assistant']}{prefix}")
                     last, asked = feed(model, probe, copy_state(state))
                     scores = score_candidates(model, asked, last, [tok.encode(fmt.format(v)) for v in options])
+                    if s.calibrate:
+                        scores = [a - b for a, b in zip(scores, prior(question, prefix, fmt, options))]
                     correct[d] += int(scores[0] > max(scores[1:]))
                     total[d] += 1
                 bar.update(1)
