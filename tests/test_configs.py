@@ -164,8 +164,9 @@ def test_every_config_key_is_read(tmp_path, monkeypatch):
     classes = _settings_classes()
     for cls in classes:
         monkeypatch.setattr(cls, "__getattribute__", recording(cls))
-    cfg = compose_with(["debug=fast", "model.pattern=HAG", "model.n_layers=3", "trainer.max_steps=2", "trainer.num_threads=1",
-                        "callbacks.progress_bar=false", "logger.wandb.mode=offline", "diagnostics=full",
+    cfg = compose_with(["debug=fast", "model.pattern=HAG", "model.n_layers=3", "trainer.max_steps=2",
+                        "trainer.num_threads=1", "callbacks.progress_bar=false", "logger.wandb.mode=offline",
+                        "diagnostics=full",
                         "diagnostics.grad_norms.every_n_steps=1", "diagnostics.state.every_n_steps=1",
                         "diagnostics.entropy.every_n_steps=1"])
     hydra_cfg = cfg.hydra

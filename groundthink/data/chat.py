@@ -35,8 +35,14 @@ from typing import Any
 import torch
 
 from groundthink.data.errors import DataError
-from groundthink.data.sources import (DataSettings, DataSource, PreparedData, TokenizerSettings, _check_positive,
-                                      register_source)
+from groundthink.data.sources import (
+    DataSettings,
+    DataSource,
+    PreparedData,
+    TokenizerSettings,
+    _check_positive,
+    register_source,
+)
 from groundthink.data.stream import IGNORE_INDEX, TBPTTStream, TokenizedDocuments
 
 log = logging.getLogger("groundthink")

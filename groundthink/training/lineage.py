@@ -16,7 +16,6 @@ from typing import Any
 
 from groundthink.training.run import UserError
 
-
 STAGES_WITH_A_PARENT = ("sft",)  # stages that start from a trained run (conf/stage/<name>.yaml)
 
 
