@@ -13,13 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from groundthink.evaluation.tasks.generation import rss_mb as rss_mib
 
 
 def run(pattern: str, tokens: int, threads: int) -> dict:

@@ -148,6 +148,23 @@ class LMAdapter(Protocol):
         ...
 
 
+@torch.inference_mode()
+def prefill(model, ids: Sequence[int], state, *, chunk: int = 512, all_logits: bool = False, device=None):
+    """Feed one lane's ids after `state` (batch 1) in chunks of `chunk` tokens (exact: the carried state continues
+    across chunks). Returns (fp32 logits of the last position [V], or of every position [T,V] with all_logits) and
+    the new state."""
+    device = device if device is not None else next(model.parameters()).device
+    tokens = torch.as_tensor(list(ids), dtype=torch.long, device=device)[None]
+    outs = []
+    for start in range(0, tokens.shape[1], chunk):
+        logits, state = model(tokens[:, start:start + chunk], state)
+        outs.append(logits[0] if all_logits else logits[0, -1:])
+    if not outs:
+        raise ValueError("prefill needs at least one token")
+    logits = torch.cat(outs).float()
+    return (logits if all_logits else logits[-1]), state
+
+
 class GroundThinkLM:
     """The adapter for a HybridLM and its GroundThink tokenizer: carried LMState as the cache.
 
@@ -184,15 +201,8 @@ class GroundThinkLM:
     def new_cache(self):
         return self.model.init_state(1, self.device)
 
-    @torch.inference_mode()
     def forward(self, ids: Sequence[int], cache, *, all_logits: bool = False):
-        tokens = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)[None]
-        outs = []
-        for start in range(0, tokens.shape[1], self.prefill_chunk):
-            logits, cache = self.model(tokens[:, start:start + self.prefill_chunk], cache)
-            outs.append(logits[0] if all_logits else logits[0, -1:])
-        logits = torch.cat(outs).float()
-        return (logits if all_logits else logits[-1]), cache
+        return prefill(self.model, ids, cache, chunk=self.prefill_chunk, all_logits=all_logits, device=self.device)
 
     @torch.inference_mode()
     def score_batch(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:

@@ -325,9 +325,15 @@ def shard_sources(settings: ShardsDataSettings) -> list[dict[str, Any]]:
     return out
 
 
+def tokenizer_settings_match(settings: TokenizerSettings, tok: Any) -> bool:
+    """Whether the `tokenizer` group describes `tok` (its kind, and its vocabulary size when one is given): for data
+    or a parent run whose tokenizer is fixed already (shards here; init_from in groundthink/training/lineage.py)."""
+    return settings.kind == tok.kind and (settings.vocab_size is None or settings.vocab_size == tok.vocab_size)
+
+
 def _check_tokenizer_settings(settings: TokenizerSettings, tok: Any, where: Path) -> None:
     """The `tokenizer` group must describe the shards' tokenizer (it cannot be changed once the ids are written)."""
-    if settings.kind != tok.kind or (settings.vocab_size is not None and settings.vocab_size != tok.vocab_size):
+    if not tokenizer_settings_match(settings, tok):
         raise DataError(
             f"the shards in {where} were written with a {tok.kind} tokenizer of {tok.vocab_size} ids, but the run "
             f"asks for tokenizer.kind={settings.kind} vocab_size={settings.vocab_size}: choose the shards' tokenizer "

@@ -31,6 +31,7 @@ def required(cfg: Any) -> str | None:
 
 def load_parent(init_from: str, tokenizer_settings: Any, tokenizer_dir: Path, *, resume: bool) -> Any:
     """The parent run (groundthink.LoadedRun); its tokenizer is saved as the child's unless resuming."""
+    from groundthink.data.sources import tokenizer_settings_match
     from groundthink.loading import LoadError, load
 
     try:
@@ -41,10 +42,10 @@ def load_parent(init_from: str, tokenizer_settings: Any, tokenizer_dir: Path, *,
     if tok is None:
         raise UserError(f"init_from={init_from}: the parent run has no tokenizer (it trained on token-level "
                         "synthetic data); fine-tuning on text needs a parent trained with a tokenizer")
-    want = (tokenizer_settings.kind, tokenizer_settings.vocab_size)
-    if want[0] != tok.kind or (want[1] is not None and want[1] != tok.vocab_size):
+    if not tokenizer_settings_match(tokenizer_settings, tok):
         raise UserError(f"init_from={init_from}: vocabulary mismatch: parent tokenizer {tok.kind} with "
-                        f"{tok.vocab_size} ids, this run asks for tokenizer.kind={want[0]} vocab_size={want[1]}; "
+                        f"{tok.vocab_size} ids, this run asks for tokenizer.kind={tokenizer_settings.kind} "
+                        f"vocab_size={tokenizer_settings.vocab_size}; "
                         f"the tokenizer comes from the parent (use tokenizer={tok.kind}, or no tokenizer override)")
     if not resume:  # as the text sources do (every rank writes the same files)
         tok.save(tokenizer_dir)

@@ -65,6 +65,11 @@ class LMTrainingModule(L.LightningModule):
         self.step_started: int | None = None  # the step the current batch belongs to (callbacks.completed_step)
 
     @property
+    def world_size(self) -> int:
+        """Data-parallel processes of this run (1 outside a Trainer)."""
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    @property
     def current_step(self) -> int:
         """The 1-based number of the optimizer step being trained (global_step counts the completed ones)."""
         return self.global_step + 1
@@ -103,7 +108,7 @@ class LMTrainingModule(L.LightningModule):
         self._inject_faults()
         state = self._state_for(batch, self.carried)
         logits, new_state = self.model(batch["input_ids"], state)
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self.world_size
         denominator = self._rank_share_of_tokens(batch["labels"], world) if world > 1 else None
         loss, stats = self._loss(logits, batch["labels"], denominator)
         reported = self._global_sums(stats) if world > 1 else stats
@@ -179,7 +184,7 @@ class LMTrainingModule(L.LightningModule):
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64)
         state = None
-        rank, world = self.global_rank, self.trainer.world_size if self._trainer is not None else 1
+        rank, world = self.global_rank, self.world_size
         try:
             for batch in batches:
                 batch = {k: v[rank::world].to(self.device) for k, v in batch.items()}
@@ -231,7 +236,7 @@ class LMTrainingModule(L.LightningModule):
             checkpoint["carried_state"] = {"tensors": self.carried.to_flat(), "position": self.carried.position}
         checkpoint["rng"] = capture_rng_state()
         checkpoint["data_position"] = self.trained_position
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self.world_size
         if world > 1:
             # Every rank has its own lanes: its data position, carried state and RNG states. Rank 0 writes the file,
             # so the others' are gathered into it (rank r's under rank_states[r]); the top-level entries stay rank
@@ -248,7 +253,7 @@ class LMTrainingModule(L.LightningModule):
             checkpoint["groundthink"]["world_size"] = world
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self.world_size
         rank_states = checkpoint.get("rank_states")
         if rank_states is not None or world > 1:
             saved_world = len(rank_states) if rank_states is not None else 1

@@ -81,19 +81,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
 def feed(model: torch.nn.Module, ids: Sequence[int], state: Any, chunk: int = 512) -> tuple[torch.Tensor, Any]:
-    """Feed one lane's ids after `state` in chunks (exact: the carried state continues across chunks); returns the
-    logits of the last position [V] (fp32) and the new state."""
-    device = model_device(model)
-    tokens = torch.as_tensor(list(ids), dtype=torch.long, device=device)[None]
-    logits = None
-    for start in range(0, tokens.shape[1], chunk):
-        out, state = model(tokens[:, start:start + chunk], state)
-        logits = out[0, -1].float()
-    if logits is None:
-        raise ValueError("feed needs at least one token")
-    return logits, state
+    """Feed one lane's ids after `state` in chunks (the generation engine's prefill); returns the logits of the
+    last position [V] (fp32) and the new state."""
+    from groundthink.generation import prefill
+
+    return prefill(model, ids, state, chunk=chunk)
 
 
 @torch.inference_mode()
