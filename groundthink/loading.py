@@ -99,6 +99,10 @@ def _tokenizer(run_dir: Path | None, checkpoint: Path, config: dict[str, Any]):
                 return Tokenizer.load(directory)
             except DataError as exc:
                 raise LoadError(f"the tokenizer of {checkpoint} cannot be read: {exc}") from exc
+    from groundthink.data.recall import TOKEN_LEVEL_SOURCES
+
+    if (config.get("data") or {}).get("source") in TOKEN_LEVEL_SOURCES:
+        return None  # token-level recall tasks (data=mqar, data=passkey) have no tokenizer
     kind = (config.get("tokenizer") or {}).get("kind")
     if kind == "char":
         return build_tokenizer("char")

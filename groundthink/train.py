@@ -123,11 +123,13 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
     if trainer_s.compile:
         assembly.compile_blocks(model)
     config = OmegaConf.to_container(cfg, resolve=True)
+    config["model"]["vocab_size"] = model.cfg.vocab_size  # the data's vocabulary (BPE, data=mqar), not the group's
     run_meta = {"run_id": folder.run_id, "wandb_run_id": folder.wandb_run_id, "config": config,
                 "provenance": collect_provenance(), "num_params": model.num_params(), "impl": model.impls(),
                 **lineage_fields}
     module = LMTrainingModule(model, optim=optim_s, max_steps=trainer_s.max_steps,
-                              token_bytes=data.token_bytes, faults=s["faults"], run_meta=run_meta)
+                              token_bytes=data.token_bytes, faults=s["faults"], run_meta=run_meta,
+                              val_accuracy=data.accuracy)
     mode = wandb_mode(logger_s.wandb.mode) if logger_s.wandb.enabled else "disabled"
     wandb_record = None if mode == "disabled" else {
         "mode": mode, "project": logger_s.wandb.project, "group": job.group, "job_type": logger_s.wandb.job_type,
@@ -158,7 +160,8 @@ def _fit(job: Job, run: SimpleNamespace) -> dict[str, Any]:
     outcome = fit_run(run.trainer, run.module, run.datamodule, folder, loggers=run.loggers,
                       checkpointing=run.callbacks["checkpointing"], throughput=run.callbacks["throughput"],
                       wandb_on=wandb_record is not None, job_start=job.started,
-                      summary_fields={"num_params": model.num_params(), "wandb": wandb_record, **run.extra})
+                      summary_fields={"num_params": model.num_params(), "wandb": wandb_record,
+                                      "state_size": model.state_sizes(seq_len=s["data"].seq_len), **run.extra})
     log.info("\n".join(closing_lines(outcome, folder, precision=s["trainer"].precision,
                                      wandb_mode=wandb_record["mode"] if wandb_record else "disabled")))
     gate_exit = 0

@@ -8,6 +8,7 @@
     data=shards data.path=shards/x   token shards written by groundthink-tokenize (constant memory; a token-weighted
                                      mixture of shard folders with data.mixture=[{path: ..., weight: 0.6}, ...])
     data=chat data.path=chat.jsonl   chat JSONL for SFT, loss on assistant tokens only (groundthink/data/chat.py)
+    data=mqar / data=passkey         recall tasks at the token level, with val/acc (groundthink/data/recall.py)
 
 A source's `prepare(settings, tokenizer, seed=..., tokenizer_dir=..., reuse_tokenizer=...)` returns PreparedData:
 the tokenizer (built, or reloaded from the run folder on resume, and saved there), the vocabulary size the model
@@ -113,6 +114,7 @@ class PreparedData:
     description: str = ""  # one line for the run's banner, e.g. "1.07M training tokens"
     pad_id: int = 0
     stats: dict[str, Any] = field(default_factory=dict)  # source-specific counts for summary.json (chat: by role)
+    accuracy: bool = False  # validation also reports val/acc (argmax accuracy at the labelled positions)
 
 
 class DataSource:
@@ -418,3 +420,4 @@ class StackedStream:
 
 
 from groundthink.data import chat as _chat  # noqa: E402,F401  (registers data=chat)
+from groundthink.data import recall as _recall  # noqa: E402,F401  (registers data=mqar and data=passkey)

@@ -106,8 +106,11 @@ class SlidingWindowAttention(SequenceMixer):
             "valid": torch.zeros(batch_size, self.window, dtype=torch.bool, device=device),
         }
 
-    def state_size(self) -> int:
-        return 2 * self.n_heads * self.window * self.head_dim + self.window
+    def state_size(self, seq_len: int | None = None) -> int:
+        """K and V of the window (and its validity flags); with seq_len, the KV cache that a sequence of that length
+        fills (min(window, seq_len) positions): attention's recall memory grows with the context up to the window."""
+        span = self.window if seq_len is None else min(self.window, int(seq_len))
+        return 2 * self.n_heads * span * self.head_dim + span
 
     def forward(
         self, x: torch.Tensor, state: dict[str, torch.Tensor] | None = None, *, position: int = 0

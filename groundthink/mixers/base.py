@@ -4,7 +4,9 @@ A sequence mixer is an nn.Module subclass of `SequenceMixer`, registered with `@
 
     forward(x [B,T,D], state=None, *, position=0) -> (y [B,T,D], new_state: dict[str, Tensor])
     init_state(batch_size, device) -> dict[str, Tensor]      everything needed to continue a stream exactly
-    state_size() -> int                                      floats per batch lane in that state (constant)
+    state_size(seq_len=None) -> int                          floats per batch lane in that state (constant; with
+                                                             seq_len: what a sequence that long fills, which
+                                                             only a window/KV cache shorter than it changes)
     build(settings, ctx) -> mixer                            from its own settings and the layer's LayerContext
 
 and declares as class attributes:

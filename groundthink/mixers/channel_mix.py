@@ -59,7 +59,7 @@ class RWKVChannelMix(nn.Module):
     def init_state(self, batch_size: int, device) -> dict[str, torch.Tensor]:
         return {"shift": torch.zeros(batch_size, self.d_model, device=device)}
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:
         return self.d_model
 
     def forward(
@@ -93,7 +93,7 @@ class SwiGLU(nn.Module):
     def init_state(self, batch_size: int, device) -> dict[str, torch.Tensor]:
         return {}
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:
         return 0
 
     def forward(

@@ -184,7 +184,7 @@ class GatedLinearAttention(SequenceMixer):
     def init_state(self, batch_size: int, device) -> dict[str, torch.Tensor]:
         return {"state": self.h0(batch_size, device)}
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:  # constant: seq_len does not change it
         return self.n_heads * self.head_k * self.head_v
 
     def forward(

@@ -211,7 +211,7 @@ class Mamba2(SequenceMixer):
             "conv": torch.zeros(batch_size, self.d_conv - 1, self.conv_dim, device=device),
         }
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:  # constant: seq_len does not change it
         return self.n_heads * self.head_dim * self.d_state + (self.d_conv - 1) * self.conv_dim
 
     def forward(

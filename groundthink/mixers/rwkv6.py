@@ -228,7 +228,7 @@ class RWKV6TimeMix(SequenceMixer):
             "shift": torch.zeros(batch_size, self.d_model, device=device),
         }
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:  # constant: seq_len does not change it
         return self.n_heads * self.head_dim * self.head_dim + self.d_model
 
     def log_decay(self, x_w: torch.Tensor) -> torch.Tensor:

@@ -76,8 +76,9 @@ class Block(nn.Module):
         state["ffn"] = self.ffn.init_state(batch_size, device)
         return state
 
-    def state_size(self) -> int:
-        return sum(getattr(self, name).state_size() for name in self.branch_names) + self.ffn.state_size()
+    def state_size(self, seq_len: int | None = None) -> int:
+        return (sum(getattr(self, name).state_size(seq_len) for name in self.branch_names)
+                + self.ffn.state_size(seq_len))
 
     def forward(
         self, x: torch.Tensor, state: dict[str, dict[str, torch.Tensor]] | None = None, *, position: int = 0

@@ -12,6 +12,7 @@ Mixers and FFNs use their own official inits (see groundthink/mixers).
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,9 +55,22 @@ class HybridLM(nn.Module):
         device = device if device is not None else self.embed.weight.device
         return LMState([block.init_state(batch_size, device) for block in self.blocks], position=0)
 
-    def state_size(self) -> int:
-        """Floats per batch lane in the carried state (constant: it does not grow with the stream)."""
-        return sum(block.state_size() for block in self.blocks)
+    def state_size(self, seq_len: int | None = None) -> int:
+        """Floats per batch lane in the carried state (constant: it does not grow with the stream). With seq_len:
+        the state a sequence of that length fills (attention's KV cache holds min(window, seq_len) positions)."""
+        return sum(block.state_size(seq_len) for block in self.blocks)
+
+    def state_sizes(self, seq_len: int | None = None) -> dict[str, Any]:
+        """{"total", "per_layer": [...], "by_mixer": {"rwkv6": ..., ...}} of `state_size(seq_len)` (the token-shift
+        state of the RWKV channel-mix FFN counts under "ffn"): what summary.json records and the recall report
+        plots accuracy against."""
+        by_mixer: dict[str, int] = {}
+        for block in self.blocks:
+            for name in block.branch_names:
+                by_mixer[name] = by_mixer.get(name, 0) + getattr(block, name).state_size(seq_len)
+            by_mixer["ffn"] = by_mixer.get("ffn", 0) + block.ffn.state_size(seq_len)
+        return {"total": self.state_size(seq_len), "per_layer": [b.state_size(seq_len) for b in self.blocks],
+                "by_mixer": by_mixer, "seq_len": seq_len}
 
     def impls(self) -> dict[str, str]:
         """The implementation each op resolved to at construction, for logging: {"wkv6": "chunked", ...}."""

@@ -25,7 +25,8 @@ import yaml
 from groundthink.reporting.runs import CompareError, Run
 
 IGNORED_CONFIG_PREFIXES = ("resume", "paths", "logger", "tags", "hydra")
-LOSS_METRICS = ("val/loss", "val/bpb")
+# Validation metrics tabulated per cell (final and best; best = the highest accuracy, the lowest loss/bpb).
+LOSS_METRICS = ("val/loss", "val/bpb", "val/acc")
 BASE_LABEL = "(base)"
 
 
@@ -37,6 +38,7 @@ class Cell:
     stats: dict[str, float] = field(default_factory=dict)
     ratio: float = math.nan
     verdict: str = "n/a"
+    best_of: dict[str, Any] | None = None  # set by select_best_of: the chosen value of the collapsed key
 
     @property
     def completed(self) -> list[Run]:
@@ -178,11 +180,46 @@ def cell_stats(cell: Cell) -> dict[str, float]:
     params = [r.num_params() for r in cell.runs if math.isfinite(r.num_params())]
     stats["num_params"] = float(np.mean(params)) if params else math.nan
     stats["num_params_varies"] = float(len(set(params)) > 1)
+    states = [r.state_size() for r in cell.runs if math.isfinite(r.state_size())]
+    stats["state_size"] = float(np.mean(states)) if states else math.nan
     stats["gates_pass"] = float(sum(r.gate_verdict == "PASS" for r in cell.runs))
     stats["gates_fail"] = float(sum(r.gate_verdict == "FAIL" for r in cell.runs))
     for key in eval_keys(cell.runs):  # groundthink-eval results: mean ± std over the runs that have them
         stats[f"{key}_mean"], stats[f"{key}_std"] = mean_std([r.evals[key] for r in ok if key in r.evals])
     return stats
+
+
+def select_best_of(cells: list[Cell], key: str, metric: str) -> list[Cell]:
+    """Cells that differ only in `key` (e.g. optim.lr) collapse into the one with the best mean final `metric`
+    (highest accuracy, lowest loss); the chosen cell keeps its runs and statistics, drops `key` from its parameters
+    and records `best_of` = {key, value, candidates: {value: mean}}. A cell without `key` passes through."""
+    from groundthink.training.metrics_file import higher_is_better
+
+    if not any(key in c.params for c in cells):
+        raise CompareError(f"--best-of {key}: no cell varies {key}; the swept keys are "
+                           f"{', '.join(varying_axes(cells)) or '(none)'}")
+    sign = -1.0 if higher_is_better(metric) else 1.0
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        rest = tuple(sorted((k, v) for k, v in c.params.items() if k != key))
+        groups.setdefault(rest, []).append(c)
+    chosen = []
+    for members in groups.values():
+        scored = [(c.stats.get(f"final_{metric}_mean", math.nan), c) for c in members]
+        finite = [(sign * v, i) for i, (v, _) in enumerate(scored) if math.isfinite(v)]
+        best = members[min(finite)[1]] if finite else members[0]
+        value = best.params.get(key)
+        best.best_of = {"key": key, "value": value,
+                        "candidates": {c.params.get(key): v for v, c in scored}}
+        best.params = {k: v for k, v in best.params.items() if k != key}
+        keys = _label_keys(cells, key)
+        best.label = ",".join(f"{k}={v}" for k, v in sorted(best.params.items()) if k in keys) or BASE_LABEL
+        chosen.append(best)
+    return chosen
+
+
+def _label_keys(cells: list[Cell], dropped: str) -> set[str]:
+    return {k for k in varying_axes(cells) if k != dropped}
 
 
 def eval_keys(runs: list[Run]) -> list[str]:

@@ -30,6 +30,7 @@ from groundthink.reporting.cells import (
     eval_keys,
     find_baseline,
     group_cells,
+    select_best_of,
     varying_axes,
 )
 from groundthink.reporting.runs import CompareError, Run, load_runs
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-key", action="append", default=None, metavar="KEY",
                    help="override key(s) that only change the seed; runs differing only in these share a "
                         "cell (repeat or comma-separate; default: seed)")
+    p.add_argument("--metric", help="the metric the axis plots, the state-size plot and --best-of use (default: "
+                                    "val/acc when the runs log it, e.g. data=mqar, else val/loss)")
+    p.add_argument("--best-of", metavar="KEY", help="collapse the cells that differ only in KEY (e.g. optim.lr) "
+                                                   "into the one with the best mean final --metric")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead of folders")
     p.add_argument("--group", help="with --wandb: the W&B group to compare")
@@ -111,6 +116,8 @@ def _cell_row(cell: Cell, axes: list[str]) -> dict[str, str]:
             continue
         integral = key in ("gates_pass", "gates_fail") or (key == "num_params" and float(value).is_integer())
         row[_metric_col(key)] = str(int(value)) if integral else _num(value)
+    if cell.best_of:
+        row[f"best_{cell.best_of['key']}"] = str(cell.best_of["value"])
     row.update({"ratio_to_baseline": _num(cell.ratio), "baseline_verdict": cell.verdict,
                 "status": cell.status, "errors": " | ".join(cell.errors)})
     return row
@@ -161,8 +168,13 @@ def write_runs_csv(cells: list[Cell], axes: list[str], seed_keys: tuple[str, ...
                 writer.writerow(row)
 
 
+def _has(cells: list[Cell], stat: str) -> bool:
+    return any(math.isfinite(c.stats.get(stat, math.nan)) for c in cells)
+
+
 def render_markdown(cells: list[Cell], common: dict[str, str], baseline: Cell, within: float, command: str,
-                    sources: list[str], plots: list[Path]) -> str:
+                    sources: list[str], plots: list[Path], best_of: str | None = None,
+                    metric: str = "val/loss") -> str:
     n_runs = sum(len(c.runs) for c in cells)
     n_failed = sum(c.n_failed for c in cells)
     limit = 1.0 + within / 100.0
@@ -174,15 +186,22 @@ def render_markdown(cells: list[Cell], common: dict[str, str], baseline: Cell, w
     ]
     if common:
         lines += ["", "Common to every run: " + ", ".join(f"`{k}={v}`" for k, v in sorted(common.items()))]
+    if best_of:
+        lines += ["", f"Best of `{best_of}`: each row is the value of `{best_of}` with the best mean final {metric} "
+                      f"among the runs that differ only in it (the `best {best_of}` column; every value tried is "
+                      "in runs.csv)."]
     lines += [
         "", f"Baseline: **{_md(baseline.label)}**. Rule (G3.6): a cell PASSes when its mean final val/loss "
         f"is at most {limit:g} × the baseline's (within {within:g}%); lower is always better, so the rule is "
         "one-sided. Only completed runs enter the means; failed runs are counted in their own column.",
         "",
-        "| cell | seeds ok/all | failed | final val/loss | best val/loss | final val/bpb | best val/bpb "
-        f"| tokens/s | params | gates | vs baseline | G3.6 (≤ {limit:g}×) | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    acc, state = _has(cells, "final_val/acc_mean"), _has(cells, "state_size")
+    extra_heads = ([f"best {best_of}"] if best_of else []) + (["final val/acc", "best val/acc"] if acc else []) \
+        + (["state size"] if state else [])
+    heads = ["cell", "seeds ok/all", "failed", "final val/loss", "best val/loss", "final val/bpb", "best val/bpb",
+             *extra_heads, "tokens/s", "params", "gates", "vs baseline", f"G3.6 (≤ {limit:g}×)", "status"]
+    lines += ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
     for c in cells:
         s = c.stats
         gates = (f"{s['gates_pass']:.0f} PASS / {s['gates_fail']:.0f} FAIL"
@@ -195,9 +214,12 @@ def render_markdown(cells: list[Cell], common: dict[str, str], baseline: Cell, w
                 return "—"
             return _pm(mean, c.stats[f"{name}_std"], fmt)
 
+        extra = ([(c.best_of or {}).get("value") or "—"] if best_of else []) \
+            + ([stat("final_val/acc"), stat("best_val/acc")] if acc else []) \
+            + ([f"{s['state_size']:,.0f}" if math.isfinite(s["state_size"]) else "—"] if state else [])
         lines.append("| " + " | ".join(_md(x) for x in (
             c.label, f"{len(c.completed)}/{len(c.runs)}", c.n_failed,
-            stat("final_val/loss"), stat("best_val/loss"), stat("final_val/bpb"), stat("best_val/bpb"),
+            stat("final_val/loss"), stat("best_val/loss"), stat("final_val/bpb"), stat("best_val/bpb"), *extra,
             stat("tokens_per_s", ",.0f"),
             _params(s["num_params"], bool(s["num_params_varies"])), gates,
             f"{c.ratio:.3f}" if math.isfinite(c.ratio) else "—", c.verdict, status)) + " |")
@@ -222,6 +244,9 @@ def render_markdown(cells: list[Cell], common: dict[str, str], baseline: Cell, w
         "checkpoints, logging and data loading excluded; the number its closing line printed), then mean ± std "
         "over seeds.",
         "- vs baseline = cell mean final val/loss / baseline mean final val/loss.",
+        "- val/acc (recall tasks, data=mqar / data=passkey) = argmax accuracy at the labelled positions; its best "
+        "is the highest logged value. state size = the model's recurrent state in elements per sequence, as its "
+        "mixers report it (summary.json `state_size`; attention: its KV cache at the run's sequence length).",
         "- cells.csv and runs.csv hold the same numbers at full precision.",
         "",
     ]
@@ -249,8 +274,15 @@ def _eval_table(cells: list[Cell]) -> list[str]:
 
 
 def write_report(runs: list[Run], out: Path, *, baseline_spec: str | None, within: float,
-                 seed_keys: tuple[str, ...], command: str, sources: list[str], plots: bool = True) -> Path:
+                 seed_keys: tuple[str, ...], command: str, sources: list[str], plots: bool = True,
+                 metric: str | None = None, best_of: str | None = None) -> Path:
     cells, common = group_cells(runs, seed_keys)
+    if metric is None:
+        metric = "val/acc" if _has(cells, "final_val/acc_mean") else "val/loss"
+    if f"final_{metric}_mean" not in cells[0].stats:
+        raise CompareError(f"--metric {metric}: not a compared metric; choose one of {', '.join(LOSS_METRICS)}")
+    if best_of:
+        cells = select_best_of(cells, best_of, metric)
     baseline = find_baseline(cells, baseline_spec)
     apply_baseline(cells, baseline, within)
     axes = varying_axes(cells)
@@ -258,24 +290,30 @@ def write_report(runs: list[Run], out: Path, *, baseline_spec: str | None, withi
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CompareError(f"--out {out}: cannot create the report folder ({exc})") from None
-    for stale in [*out.glob("axis_*.png"), out / "val_loss.png"]:
+    for stale in [*out.glob("axis_*.png"), *out.glob("*_vs_state_size.png"), out / "val_loss.png",
+                  out / "val_acc.png"]:
         stale.unlink(missing_ok=True)
     written: list[Path] = []
     if plots:
-        from groundthink.reporting.plots import axis_filename, plot_axis, plot_val_loss
+        from groundthink.reporting.plots import axis_filename, plot_axis, plot_val_loss, plot_vs_state_size
 
         p = plot_val_loss(cells, out / "val_loss.png")
         if p is None:
             print("note: no val_loss.png: no run logged val/loss", file=sys.stderr)
         written += [p] if p else []
-        for key in axes:
-            p = plot_axis(cells, key, axes, out / axis_filename(key))
+        if metric != "val/loss":
+            p = plot_val_loss(cells, out / f"{_metric_col(metric)}.png", metric=metric)
             written += [p] if p else []
+        for key in axes:
+            p = plot_axis(cells, key, axes, out / axis_filename(key), metric=metric)
+            written += [p] if p else []
+        p = plot_vs_state_size(cells, axes, out / f"{_metric_col(metric)}_vs_state_size.png", metric=metric)
+        written += [p] if p else []
     write_cells_csv(cells, axes, out / "cells.csv")
     write_runs_csv(cells, axes, seed_keys, out / "runs.csv")
     report = out / "report.md"
-    report.write_text(render_markdown(cells, common, baseline, within, command, sources, written),
-                      encoding="utf-8")
+    report.write_text(render_markdown(cells, common, baseline, within, command, sources, written,
+                                      best_of=best_of, metric=metric), encoding="utf-8")
     return report
 
 
@@ -299,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             sources = list(args.paths)
             out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
         report = write_report(runs, out, baseline_spec=args.baseline, within=args.within, seed_keys=seed_keys,
-                              command=command, sources=sources, plots=not args.no_plots)
+                              command=command, sources=sources, plots=not args.no_plots, metric=args.metric,
+                              best_of=args.best_of)
     except CompareError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

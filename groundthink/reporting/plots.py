@@ -4,8 +4,12 @@
   the steps every seed logged, with a band of ± one std (a single seed: its line); failed runs as thin
   dotted lines. A curve of fewer than two points is drawn with markers (a line through one point is
   invisible); a plot that would show nothing is not written, and the caller says so.
-- `axis_<key>.png`: mean final validation loss along one swept axis (x = the axis values, numeric axes on a
-  numeric scale), one line per combination of the other axes, error bars = std over seeds.
+- `axis_<key>.png`: mean final validation loss (or the chosen metric, e.g. val/acc) along one swept axis (x = the
+  axis values, numeric axes on a numeric scale), one line per combination of the other axes, error bars = std over
+  seeds.
+- `<metric>_vs_state_size.png`: the metric against the model's recurrent state size (elements, log scale), one line
+  per value of the layer pattern (or of the first swept axis that does not change the state), one panel per value
+  of the remaining task axes (e.g. data.num_kv_pairs): Zoology's accuracy-vs-state plot.
 """
 
 from __future__ import annotations
@@ -72,8 +76,8 @@ def plot_val_loss(cells: list[Cell], path: Path, metric: str = VAL_LOSS) -> Path
     return path
 
 
-def plot_axis(cells: list[Cell], key: str, axes: list[str], path: Path) -> Path | None:
-    """None when no cell along this axis has a finite mean final val/loss."""
+def plot_axis(cells: list[Cell], key: str, axes: list[str], path: Path, metric: str = VAL_LOSS) -> Path | None:
+    """None when no cell along this axis has a finite mean final `metric`."""
     others = [a for a in axes if a != key]
     x_texts = sorted({c.params.get(key) for c in cells}, key=sort_value)
     numeric = all(isinstance(parse_value(t), (int, float)) and not isinstance(parse_value(t), bool)
@@ -92,7 +96,7 @@ def plot_axis(cells: list[Cell], key: str, axes: list[str], path: Path) -> Path 
         points = sorted(lines[combo], key=lambda c: sort_value(c.params.get(key)))
         xs, ys, es = [], [], []
         for c in points:
-            mean, std = c.stats["final_val/loss_mean"], c.stats["final_val/loss_std"]
+            mean, std = c.stats[f"final_{metric}_mean"], c.stats[f"final_{metric}_std"]
             if math.isfinite(mean):
                 xs.append(x_of(c.params.get(key)))
                 ys.append(mean)
@@ -108,10 +112,53 @@ def plot_axis(cells: list[Cell], key: str, axes: list[str], path: Path) -> Path 
     if not numeric:
         ax.set_xticks(range(len(x_texts)), [t if t is not None else "(default)" for t in x_texts])
     ax.set_xlabel(key)
-    ax.set_ylabel("final val/loss (mean ± std over seeds)")
-    ax.set_title(f"final val/loss along {key}")
+    ax.set_ylabel(f"final {metric} (mean ± std over seeds)")
+    ax.set_title(f"final {metric} along {key}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# Axes that change the model's state size (x of the state-size plot) and the task axes (one panel each).
+_SIZE_KEYS = ("model.d_model", "model.n_layers", "model.mixers.", "sweep.state")
+_TASK_KEYS = ("data.num_kv_pairs", "data.seq_len", "data.distances")
+
+
+def plot_vs_state_size(cells: list[Cell], axes: list[str], path: Path, metric: str = VAL_LOSS) -> Path | None:
+    """The mean final `metric` of each cell against its state size; None when no cell has both."""
+    points = [c for c in cells if math.isfinite(c.stats.get("state_size", math.nan))
+              and math.isfinite(c.stats.get(f"final_{metric}_mean", math.nan))]
+    if not points:
+        return None
+    panel_keys = [a for a in axes if a.startswith(_TASK_KEYS)]
+    series_keys = [a for a in axes if a not in panel_keys and not a.startswith(_SIZE_KEYS) and a != "optim.lr"]
+    panels: dict[tuple, list[Cell]] = {}
+    for c in points:
+        panels.setdefault(tuple(c.params.get(a) for a in panel_keys), []).append(c)
+    plt = _pyplot()
+    order = sorted(panels, key=lambda t: [sort_value(v) for v in t])
+    fig, axs = plt.subplots(1, len(order), figsize=(4.2 * len(order) + 2, 4.2), squeeze=False, sharey=True)
+    for ax, panel in zip(axs[0], order):
+        lines: dict[tuple, list[Cell]] = {}
+        for c in panels[panel]:
+            lines.setdefault(tuple(c.params.get(a) for a in series_keys), []).append(c)
+        for combo in sorted(lines, key=lambda t: [sort_value(v) for v in t]):
+            pts = sorted(lines[combo], key=lambda c: c.stats["state_size"])
+            xs = [c.stats["state_size"] for c in pts]
+            ys = [c.stats[f"final_{metric}_mean"] for c in pts]
+            es = [c.stats[f"final_{metric}_std"] if math.isfinite(c.stats[f"final_{metric}_std"]) else 0.0
+                  for c in pts]
+            label = ",".join(f"{a}={v}" for a, v in zip(series_keys, combo) if v is not None) or "all"
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("state size (elements per sequence, log)")
+        ax.set_title(",".join(f"{a}={v}" for a, v in zip(panel_keys, panel)) or f"{metric} vs state size",
+                     fontsize="medium")
+        ax.grid(alpha=0.3)
+    axs[0][0].set_ylabel(f"final {metric}")
+    axs[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

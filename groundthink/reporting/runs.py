@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from groundthink.training.metrics_file import MetricsFileError
+from groundthink.training.metrics_file import MetricsFileError, higher_is_better
 from groundthink.training.metrics_file import read_metrics_csv as _read_metrics
 
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.csv")
@@ -63,12 +63,19 @@ class Run:
         return _as_float(self.summary.get("final", {}).get(metric))
 
     def best(self, metric: str) -> float:
-        """The smallest finite logged value; summary's `best` if no series."""
+        """The best finite logged value (the largest for accuracies, else the smallest); summary's `best` if no
+        series."""
         s = self.series.get(metric)
         if s:
             finite = [v for _, v in s if math.isfinite(v)]
-            return min(finite) if finite else math.nan
+            return (max if higher_is_better(metric) else min)(finite) if finite else math.nan
         return _as_float(self.summary.get("best", {}).get(metric))
+
+    def state_size(self) -> float:
+        """Recurrent state of the whole model in elements per batch lane (summary.json's `state_size`, which the
+        mixers report themselves; attention counts its KV cache at the run's sequence length)."""
+        record = self.summary.get("state_size")
+        return _as_float(record.get("total") if isinstance(record, dict) else record)
 
     def tokens_per_s(self) -> float:
         """The run's throughput as summary.json records it (training-step time only, the one definition:

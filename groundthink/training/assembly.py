@@ -45,7 +45,7 @@ def build_callbacks(callbacks: CallbackSettings, trainer: TrainerSettings, fault
         throughput,
         *diagnostics,
         StepMetrics(trainer.log_every_n_steps, trainer.max_steps),
-        Validation(trainer.val_every_n_steps, trainer.max_steps, val_batches),
+        Validation(trainer.val_every_n_steps, trainer.max_steps, val_batches, early_stop=callbacks.early_stop),
         checkpointing,
     ]
     if callbacks.progress_bar:

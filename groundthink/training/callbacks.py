@@ -22,6 +22,7 @@ import lightning as L
 import torch
 
 from groundthink.training.checkpoint import link_checkpoint, rotate_checkpoints
+from groundthink.training.metrics_file import higher_is_better
 
 # Dense peak FLOP/s used for MFU when callbacks.throughput.peak_flops is null.
 # CPU: measured 1024^3 matmul on this project's 2-core build machines (reference/environment.md).
@@ -103,19 +104,36 @@ class StepMetrics(L.Callback):
 
 class Validation(L.Callback):
     """Held-out loss (`LMTrainingModule.validate`) every N steps and after the last step, so the final val/loss
-    is never stale; every_n_steps 0 turns it off. Not run on a step that an interrupt ends."""
+    is never stale; every_n_steps 0 turns it off. Not run on a step that an interrupt ends. With an early-stop
+    target (callbacks.early_stop), the run ends after the validation that reaches it (recorded in
+    `pl_module.stopped_early`, then in summary.json); the last checkpoint is written as at any end."""
 
-    def __init__(self, every_n_steps: int, max_steps: int, batches: list[dict[str, torch.Tensor]]) -> None:
+    def __init__(self, every_n_steps: int, max_steps: int, batches: list[dict[str, torch.Tensor]], *,
+                 early_stop=None) -> None:
         self.every_n_steps = every_n_steps
         self.max_steps = max_steps
         self.batches = batches
+        self.early_stop = early_stop
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = completed_step(pl_module)
         if step is None or not self.batches or self.every_n_steps <= 0 or trainer.received_sigterm:
             return
         if step % self.every_n_steps == 0 or step == self.max_steps:
-            log_metrics(trainer, pl_module.validate(self.batches), step)
+            metrics = pl_module.validate(self.batches)
+            log_metrics(trainer, metrics, step)
+            self._maybe_stop(trainer, pl_module, metrics, step)
+
+    def _maybe_stop(self, trainer, pl_module, metrics: dict[str, float], step: int) -> None:
+        rule = self.early_stop
+        if rule is None or rule.target is None or rule.metric not in metrics or step >= self.max_steps:
+            return
+        value, target = metrics[rule.metric], float(rule.target)
+        if value >= target if higher_is_better(rule.metric) else value <= target:
+            pl_module.stopped_early = {"step": step, "metric": rule.metric, "value": value, "target": target}
+            print(f"\nEarly stop: {rule.metric}={value:.4f} reached callbacks.early_stop.target={target} at step "
+                  f"{step} (of {self.max_steps})")
+            trainer.should_stop = True
 
 
 class Checkpointing(L.Callback):

@@ -16,6 +16,12 @@ from typing import Any
 METRICS_FILE = "metrics.csv"
 
 
+def higher_is_better(metric: str) -> bool:
+    """Accuracies and rewards improve upwards (val/acc, eval/mqar/acc_mean); losses, perplexities, bits per byte
+    and everything else downwards."""
+    return metric.rsplit("/", 1)[-1].startswith(("acc", "reward"))
+
+
 class MetricsFileError(ValueError):
     """metrics.csv cannot be read; the message names the file, the line and the column."""
 

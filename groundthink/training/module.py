@@ -43,6 +43,7 @@ class LMTrainingModule(L.LightningModule):
         token_bytes: torch.Tensor | None,
         faults: FaultSettings | None = None,
         run_meta: dict[str, Any] | None = None,
+        val_accuracy: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -54,6 +55,8 @@ class LMTrainingModule(L.LightningModule):
         bytes_per_id = token_bytes if token_bytes is not None else torch.zeros(model.cfg.vocab_size)
         self.register_buffer("token_bytes", bytes_per_id.float(), persistent=False)
         self.run_meta = run_meta if run_meta is not None else {}
+        self.val_accuracy = val_accuracy  # validation also reports val/acc (recall tasks: data=mqar, data=passkey)
+        self.stopped_early: dict[str, Any] | None = None  # set by the Validation callback's early stop
         self.carried: LMState | None = None
         self.step_metrics: dict[str, float] = {}
         self.val_metrics: dict[str, float] = {}  # the latest validation's, for the checkpoint sidecar
@@ -176,13 +179,13 @@ class LMTrainingModule(L.LightningModule):
     # ----- validation (run by groundthink.training.callbacks.Validation) --------------------------------
     @torch.no_grad()
     def validate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """val/loss, val/ppl and val/bpb over held-out batches read lane by lane with carried state (h0 at a
-        document start). Under data parallelism each rank reads every world_size-th lane of every batch (so each
-        lane keeps its state from batch to batch, as in one process) and the sums are all-reduced. Empty when
-        there is nothing to predict."""
+        """val/loss, val/ppl and val/bpb (and val/acc, the argmax accuracy at the labelled positions, when the data
+        asks for it) over held-out batches read lane by lane with carried state (h0 at a document start). Under
+        data parallelism each rank reads every world_size-th lane of every batch (so each lane keeps its state from
+        batch to batch, as in one process) and the sums are all-reduced. Empty when there is nothing to predict."""
         was_training = self.model.training
         self.model.eval()
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64)  # nats, labelled tokens, bytes, correct argmax
         state = None
         rank, world = self.global_rank, self.world_size
         try:
@@ -193,18 +196,21 @@ class LMTrainingModule(L.LightningModule):
                 state = self._state_for(batch, state)
                 logits, state = self.model(batch["input_ids"], state)
                 _, stats = self._loss(logits, batch["labels"])
-                sums += torch.stack([stats["nats"], stats["tokens"], stats["bytes"]]).double().cpu()
+                hits = (logits.argmax(-1) == batch["labels"]).sum() if self.val_accuracy else stats["tokens"] * 0
+                sums += torch.stack([stats["nats"], stats["tokens"], stats["bytes"], hits]).double().cpu()
         finally:
             self.model.train(was_training)
         if world > 1:
             sums = self.all_gather(sums.to(self.device)).sum(0).cpu()
-        nats, tokens, nbytes = (float(x) for x in sums)
+        nats, tokens, nbytes, correct = (float(x) for x in sums)
         if tokens == 0:
             return {}
         loss = nats / tokens
         metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
         if nbytes > 0:
             metrics["val/bpb"] = nats / math.log(2) / nbytes
+        if self.val_accuracy:
+            metrics["val/acc"] = correct / tokens
         self.val_metrics = metrics
         return metrics
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from groundthink.training.checkpoint import CheckpointError, find_last_good_checkpoint, remove_stale_temp_files
-from groundthink.training.metrics_file import METRICS_FILE, read_metrics_csv
+from groundthink.training.metrics_file import METRICS_FILE, higher_is_better, read_metrics_csv
 from groundthink.training.module import NonFiniteLossError
 from groundthink.training.rundir import ensure_writable, launched_rank, new_run_id
 
@@ -136,6 +136,8 @@ def fit_run(trainer: Any, module: Any, datamodule: Any, folder: RunFolder, *, lo
     if _ran_in_spawned_workers(trainer):
         step, tokens_per_s = _rank_zero_results(folder)
     first = throughput.first_step_end
+    if getattr(module, "stopped_early", None):
+        summary_fields = {**summary_fields, "stopped_early": module.stopped_early}
     if wandb_on and isinstance(summary_fields.get("wandb"), dict):  # what the W&B run was told, and how it ended
         summary_fields = {**summary_fields, "wandb": {**summary_fields["wandb"], "exit_code": wandb_exit}}
     outcome.summary = write_summary(
@@ -172,8 +174,8 @@ def _rank_zero_results(folder: RunFolder) -> tuple[int, float | None]:
 
 
 def write_summary(run_dir: Path, **fields: Any) -> dict[str, Any]:
-    """summary.json: the given fields plus `final` (last logged value) and `best` (lowest, for losses and bits per
-    byte) of every metric in metrics.csv."""
+    """summary.json: the given fields plus `final` (last logged value) and `best` (lowest for losses and bits per
+    byte, highest for accuracies) of every metric in metrics.csv."""
     final: dict[str, float] = {}
     best: dict[str, float] = {}
     metrics = run_dir / METRICS_FILE
@@ -184,6 +186,8 @@ def write_summary(run_dir: Path, **fields: Any) -> dict[str, Any]:
                 final[name] = values[-1]
                 if name.endswith(_LOWER_IS_BETTER):
                     best[name] = min(values)
+                elif higher_is_better(name):
+                    best[name] = max(values)
     summary = {**fields, "final": final, "best": best}
     if launched_rank()[0] > 0:  # torchrun/srun: rank 0's summary is the run's
         return summary

@@ -64,11 +64,21 @@ class ThroughputSettings:
 
 
 @dataclass
+class EarlyStopSettings:
+    """End a run at the first validation where `metric` reaches `target` (>= for accuracies, <= for losses and
+    the like), e.g. `callbacks.early_stop.target=0.99` on data=mqar. null target = off."""
+
+    metric: str = "val/acc"
+    target: float | None = None
+
+
+@dataclass
 class CallbackSettings:
     """The `callbacks` group."""
 
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     throughput: ThroughputSettings = field(default_factory=ThroughputSettings)
+    early_stop: EarlyStopSettings = field(default_factory=EarlyStopSettings)
     progress_bar: bool = True
 
 
