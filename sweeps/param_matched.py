@@ -120,26 +120,33 @@ def planned_files(base: str = BASE) -> dict[Path, str]:
     return files
 
 
+def sync_files(files: dict[Path, str], *, check: bool, script: str) -> int:
+    """Write the generated files that differ (or, with check, only list them): the exit code of a generator."""
+    stale = []
+    for path, text in files.items():
+        if (path.read_text() if path.exists() else None) == text:
+            continue
+        if check:
+            stale.append(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path.relative_to(REPO)}")
+    if stale:
+        print(f"out of date (run python {script}):", *[str(p) for p in stale], file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare the committed files with the plan")
     args = parser.parse_args(argv)
-    stale = []
-    for path, text in planned_files().items():
-        current = path.read_text() if path.exists() else None
-        if args.check:
-            if current != text:
-                stale.append(path)
-        elif current != text:
-            path.write_text(text)
-            print(f"wrote {path.relative_to(REPO)}")
+    code = sync_files(planned_files(), check=args.check, script="sweeps/param_matched.py")
     for name, (cfg, n, target) in cells().items():
         print(f"{name:<11} pattern={cfg.pattern:<4} attn={cfg.attn_layers} d_model={cfg.d_model:<4} "
               f"ffn_mult={cfg.ffn_mult:<6} params={n:>11,} ({100 * (n / target - 1):+.2f}%)")
-    if stale:
-        print("out of date (run python sweeps/param_matched.py):", *[str(p) for p in stale], file=sys.stderr)
-        return 1
-    return 0
+    return code
 
 
 if __name__ == "__main__":

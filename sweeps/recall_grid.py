@@ -23,10 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import sys
 from pathlib import Path
 
-from param_matched import render_model  # sweeps/ is this script's folder
+from param_matched import render_model, sync_files  # sweeps/ is this script's folder
 
 from groundthink.models import HybridLM
 from groundthink.models.config import ModelConfig
@@ -188,21 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare the committed files with the plan")
     args = parser.parse_args(argv)
-    stale = []
-    for path, text in planned_files().items():
-        current = path.read_text() if path.exists() else None
-        if current == text:
-            continue
-        if args.check:
-            stale.append(path)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"wrote {path.relative_to(REPO)}")
-    if stale:
-        print("out of date (run python sweeps/recall_grid.py):", *[str(p) for p in stale], file=sys.stderr)
-        return 1
-    return 0
+    return sync_files(planned_files(), check=args.check, script="sweeps/recall_grid.py")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Resume: the stream's position is a few integers (batch count, or epoch and offse
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +46,6 @@ from groundthink.data.sources import (
 )
 from groundthink.data.stream import TokenizedDocuments
 from groundthink.data.synthetic import IGNORE_INDEX, PasskeyTokens, mqar, passkey
-
-log = logging.getLogger("groundthink")
 
 TOKEN_LEVEL_SOURCES = ("mqar", "passkey")  # sources whose runs have no tokenizer (groundthink.load returns None)
 _VAL_SEED_OFFSET = 1_000_003  # validation examples come from seed + this, training from the run's seed
@@ -235,22 +232,6 @@ def passkey_documents(settings: PasskeyDataSettings, n: int, seed: int) -> tuple
             TokenizedDocuments.from_lists([flags[i] for i in order]))
 
 
-@dataclass
-class PasskeyLanes:
-    """`make_train_stream` of data=passkey (picklable): rank r of w reads documents i % w == r."""
-
-    docs: TokenizedDocuments
-    targets: TokenizedDocuments
-    batch_size: int
-    seed: int
-
-    def __call__(self, rank: int, world: int):
-        from groundthink.data.chat import MaskedTBPTTStream
-
-        docs, targets = (self.docs[rank::world], self.targets[rank::world]) if world > 1 else (self.docs, self.targets)
-        return MaskedTBPTTStream(docs, targets, batch_size=self.batch_size, pad_id=0, seed=self.seed + rank)
-
-
 @register_source
 class PasskeySource(DataSource):
     name = "passkey"
@@ -258,7 +239,7 @@ class PasskeySource(DataSource):
 
     def prepare(self, settings: PasskeyDataSettings, tokenizer: TokenizerSettings, *, seed: int,
                 tokenizer_dir: Path | None = None, reuse_tokenizer: bool = False) -> PreparedData:
-        from groundthink.data.chat import MaskedTBPTTStream
+        from groundthink.data.chat import ChatLanes, MaskedTBPTTStream  # documents with target flags, in lanes
 
         _check_common(settings, ("batch_size", "seq_len", "passkey_len", "train_examples", "val_batches"))
         if not settings.distances or any(int(d) < 0 for d in settings.distances):
@@ -277,7 +258,7 @@ class PasskeySource(DataSource):
         val_batches = val_stream.validation_batches(settings.seq_len)
         return PreparedData(
             tokenizer=None, vocab_size=int(settings.vocab_size),
-            make_train_stream=PasskeyLanes(docs, targets, settings.batch_size, seed),
+            make_train_stream=ChatLanes(docs, targets, settings.batch_size, 0, seed),
             val_batches=val_batches, token_bytes=None, accuracy=True,
             description=f"passkey: {settings.passkey_len} digits at distances {list(settings.distances)}, "
                         f"segments of {settings.seq_len}, {settings.train_examples} training / {n_val} held-out "

@@ -1,4 +1,5 @@
-"""Causal sliding-window softmax attention with a fixed-size carried KV window, no positional encoding (NoPE).
+"""Causal sliding-window softmax attention with a fixed-size carried KV window; no positional encoding (NoPE) by
+default, rotary positions (RoPE) as an option.
 
 Papers: Vaswani et al., "Attention Is All You Need" (arXiv 1706.03762) for the layer; sliding-window attention
 as in Longformer/Mistral and the hybrid precedents Samba (arXiv 2406.07522) and Griffin (arXiv 2402.19427),
@@ -15,6 +16,13 @@ Why NoPE: as in Jamba (arXiv 2403.19887), the recurrent RWKV/Mamba layers below 
 make its inputs order-aware, so explicit positions are not needed; and with no positions the cached keys are
 valid wherever a segment boundary falls and at any stream length (no RoPE offsets to carry, no extrapolation
 beyond the training length).
+
+RoPE (`rope_base`, e.g. 10000; Su et al., arXiv 2104.09864): queries and keys are rotated by their absolute stream
+position (the `position` the model passes: the tokens before this segment), so cached keys carry their rotation
+and a query's scores depend only on the distance back to each key; carrying the window across segments still gives
+the one-pass result. It is what attention needs on its own, without recurrent layers to order its inputs: an
+attention-only stack (`model.pattern=A`) on MQAR (Zoology's attention baseline has positions; a NoPE stack learns
+the task far more slowly, experiments/mqar-recall/).
 
 What differs from a plain transformer attention: the carried window state. Init: qkv ~ N(0, 0.02),
 out_proj ~ N(0, 0.02/sqrt(2·n_layers)) (GPT-2's residual rescale). `impl` is always "sdpa" (torch picks the
@@ -40,6 +48,7 @@ class AttentionConfig:
 
     n_heads: int = 4
     window: int = 512  # tokens before the current one that a query sees (and that the carried KV cache holds)
+    rope_base: float | None = None  # rotary positions with this base (e.g. 10000); null = no positions (NoPE)
 
     # Flat ModelConfig fields of runs saved before mixers had their own settings -> the field here.
     LEGACY_FIELDS: ClassVar[dict[str, str]] = {"attn_heads": "n_heads", "attn_window": "window"}
@@ -49,6 +58,10 @@ class AttentionConfig:
         require(f + "n_heads", self.n_heads, is_positive_int(self.n_heads) and d_model % self.n_heads == 0,
                 f"a positive divisor of d_model={d_model}")
         require(f + "window", self.window, is_positive_int(self.window), "a positive integer")
+        if self.rope_base is not None:
+            require(f + "rope_base", self.rope_base, self.rope_base > 1, "a number > 1 (e.g. 10000), or null")
+            require(f + "n_heads", self.n_heads, (d_model // self.n_heads) % 2 == 0,
+                    f"a divisor of d_model={d_model} leaving an even head size (RoPE rotates pairs)")
 
     def d_model_multiple(self, state_norm_groups: int | None) -> int:
         return self.n_heads
@@ -68,6 +81,7 @@ class SlidingWindowAttention(SequenceMixer):
         n_heads: int,
         *,
         window: int = 512,
+        rope_base: float | None = None,
         layer_id: int = 0,
         n_layers: int = 1,
         impl: str = "auto",
@@ -79,6 +93,7 @@ class SlidingWindowAttention(SequenceMixer):
         if window < 1:
             raise ValueError(f"attn_window={window} must be >= 1")
         self.d_model, self.n_heads, self.head_dim, self.window = d_model, n_heads, d_model // n_heads, window
+        self.rope_base = rope_base
         self.impl = "sdpa"
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
@@ -92,6 +107,7 @@ class SlidingWindowAttention(SequenceMixer):
             ctx.d_model,
             settings.n_heads,
             window=settings.window,
+            rope_base=settings.rope_base,
             layer_id=ctx.layer_id,
             n_layers=ctx.n_layers,
             impl=ctx.impl,
@@ -120,6 +136,8 @@ class SlidingWindowAttention(SequenceMixer):
         if state is None:
             state = self.init_state(B, x.device)
         q, k, v = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B,H,T,hd] each
+        if self.rope_base is not None:
+            q, k = self._rotate(q, position), self._rotate(k, position)
         cache_k, cache_v, valid = state["k"].to(k.dtype), state["v"].to(v.dtype), state["valid"]
         outs = []
         for a in range(0, T, W):
@@ -137,3 +155,13 @@ class SlidingWindowAttention(SequenceMixer):
         y = torch.cat(outs, dim=2).transpose(1, 2).reshape(B, T, self.d_model)
         new_state = {"k": cache_k.float(), "v": cache_v.float(), "valid": valid}
         return self.out_proj(y), new_state
+
+    def _rotate(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        """RoPE: x [B,H,T,hd] rotated pairwise (first half, second half) by angle (position + t) * base^(-2i/hd)."""
+        half = self.head_dim // 2
+        inv_freq = self.rope_base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)
+        t = torch.arange(position, position + x.shape[2], device=x.device, dtype=torch.float64)
+        angles = torch.outer(t, inv_freq)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)

@@ -222,7 +222,8 @@ def closing_lines(outcome: Outcome, folder: RunFolder, *, precision: str, wandb_
         lines.append(f"throughput {s['tokens_per_s']:.0f} tokens/s (training steps only)   wall {s['wall_s']:.1f} s")
     if s.get("startup_s") is not None:
         lines.append(f"start to first step {s['startup_s']:.1f} s")
-    lines.append(f"outputs  {folder.path}  (config.yaml, metrics.csv, checkpoints/, tokenizer/, summary.json)")
+    tokenizer = "tokenizer/, " if (folder.path / "tokenizer").is_dir() else ""  # none for data=mqar / passkey
+    lines.append(f"outputs  {folder.path}  (config.yaml, metrics.csv, checkpoints/, {tokenizer}summary.json)")
     if folder.has_checkpoint():
         if outcome.status == "completed":  # continuing a finished run means training it for longer
             lines.append(f"resume   {resume_command(folder.path, 2 * int(s.get('step') or 0))}   (any longer "

@@ -64,7 +64,7 @@ def register_task(name: str) -> Callable[[type[EvalTask]], type[EvalTask]]:
 def need_tokenizer(loaded: Any, task: str) -> Any:
     if loaded.tokenizer is None:
         raise EvalError(f"eval task '{task}' reads text, but this run has no tokenizer (it was trained on "
-                        f"token-level synthetic data); use the mqar or dynamics task")
+                        f"token-level synthetic data); use the mqar, dynamics or (for data=passkey runs) passkey task")
     return loaded.tokenizer
 
 

@@ -11,6 +11,12 @@ the true key " 48213" against `distractors` other random keys of the same length
 true key scores highest. Chance is 1 / (1 + distractors). Results: accuracy and mean margin (true minus best
 distractor log-likelihood, nats) per distance in passkey.csv / passkey.png; scalars acc_d<distance>, acc_mean,
 chance.
+
+A run trained on the token-level task (data=passkey, no tokenizer) is scored on that task instead: held-out
+examples at each distance (the run's vocabulary and passkey length, a seed of the task's own), each read from a
+fresh state through the carried state in segments of the run's data.seq_len; `acc_d<distance>` is the per-digit
+accuracy (argmax at the answer positions, the run's val/acc), `key_acc_d<distance>` the share of keys with every
+digit right; chance is 1/10 per digit.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from groundthink.evaluation.tasks.base import (
     EvalError,
@@ -57,6 +65,9 @@ class PasskeyTask(EvalTask):
     description = "passkey retrieval accuracy vs distance (log-likelihood vs distractor keys), carried state"
 
     def check(self, loaded: Any, s: PasskeySettings) -> None:
+        if _token_level(loaded):
+            check_positive("passkey", distances=s.distances, samples=s.samples)
+            return
         tok = need_tokenizer(loaded, "passkey")
         check_positive("passkey", distances=s.distances, samples=s.samples, digits=s.digits,
                        distractors=s.distractors)
@@ -69,6 +80,8 @@ class PasskeyTask(EvalTask):
             raise EvalError("the run's tokenizer does not round-trip digits, so passkeys cannot be scored")
 
     def run(self, loaded: Any, s: PasskeySettings, out_dir: Path, progress) -> dict[str, float]:
+        if _token_level(loaded):
+            return _run_token_level(loaded, s, out_dir, progress)
         tok, model = loaded.tokenizer, loaded.model
         distances = sorted(set(int(d) for d in s.distances))
         filler = tok.encode(FILLER * 8)
@@ -113,3 +126,47 @@ class PasskeyTask(EvalTask):
         out["acc_mean"] = sum(r["accuracy"] for r in rows) / len(rows)
         out["chance"] = chance
         return {k: (v if math.isfinite(v) else math.nan) for k, v in out.items()}
+
+
+def _token_level(loaded: Any) -> bool:
+    return loaded.tokenizer is None and (loaded.config.get("data") or {}).get("source") == "passkey"
+
+
+@torch.inference_mode()
+def _run_token_level(loaded: Any, s: PasskeySettings, out_dir: Path, progress) -> dict[str, float]:
+    """The token-level task of a data=passkey run (module docstring)."""
+    from groundthink.data.synthetic import passkey
+
+    model, data = loaded.model, loaded.config["data"]
+    vocab, digits, segment = int(data["vocab_size"]), int(data["passkey_len"]), int(data["seq_len"])
+    device = model_device(model)
+    distances = sorted(set(int(d) for d in s.distances))
+    bar = progress(len(distances) * s.samples, "passkey")
+    rows = []
+    for d in distances:
+        length = segment * math.ceil((2 + 2 * digits + d + 1) / segment)
+        ex = passkey(s.samples, d, vocab, passkey_len=digits, seq_len=length, seed=s.seed + 2_000_029 + 7919 * d)
+        ids, labels = ex["input_ids"].to(device), ex["labels"].to(device)
+        state, hits = model.init_state(ids.shape[0], device), []
+        for start in range(0, length, segment):
+            logits, state = model(ids[:, start:start + segment], state)
+            hits.append(logits.argmax(-1) == labels[:, start:start + segment])
+        mask = labels != -100
+        right = torch.cat(hits, dim=1) & mask
+        digit_acc = float(right.sum() / mask.sum())
+        key_acc = float((right.sum(1) == mask.sum(1)).float().mean())
+        rows.append({"distance": d, "samples": s.samples, "accuracy": digit_acc, "key_accuracy": key_acc,
+                     "chance": 0.1})
+        bar.update(s.samples)
+    bar.close()
+    write_csv(out_dir / "passkey.csv", rows)
+    plot(out_dir / "passkey.png", {"digit accuracy": ([r["distance"] for r in rows], [r["accuracy"] for r in rows]),
+                                   "key accuracy": ([r["distance"] for r in rows],
+                                                    [r["key_accuracy"] for r in rows])},
+         title=f"passkey retrieval, token level (segments of {segment})", xlabel="distance (tokens, log scale)",
+         ylabel="accuracy", logx=True, hline=0.1)
+    out = {f"acc_d{r['distance']}": r["accuracy"] for r in rows}
+    out.update({f"key_acc_d{r['distance']}": r["key_accuracy"] for r in rows})
+    out["acc_mean"] = sum(r["accuracy"] for r in rows) / len(rows)
+    out["chance"] = 0.1
+    return out
