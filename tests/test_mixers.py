@@ -16,7 +16,7 @@ from tests.conftest import tiny_config
 
 REGISTRY = {**{f"mixer:{k}": v for k, v in MIXERS.items()}, **{f"ffn:{k}": v for k, v in FFNS.items()}}
 VARIANTS = ("plain", "state_norm_h0")
-CASES = [(name, variant) for name in REGISTRY for variant in VARIANTS] + [("mixer:attention", "rope")]
+CASES = [(name, variant) for name in REGISTRY for variant in VARIANTS] + [("mixer:attention", "rope_key_shift")]
 SPLITS = [(7, 9), (1, 15), (13, 50)]
 D_MODEL = 32
 
@@ -26,9 +26,9 @@ def tiny_cfg(variant: str = "plain", **changes) -> ModelConfig:
     base = tiny_config(vocab_size=50, d_model=D_MODEL, n_layers=2, mixers={"attention": {"window": 8}})
     if variant == "state_norm_h0":
         base = base.replace(state_norm=True, learn_h0=True, grounding_strength=0.7)
-    if variant == "rope":  # rotary positions in the attention mixer (the other mixers have no such setting)
-        base = base.replace(mixers={**base.mixers, "attention": dataclasses.replace(base.mixers["attention"],
-                                                                                     rope_base=100.0)})
+    if variant == "rope_key_shift":  # the attention mixer's options (the other mixers have no such settings)
+        base = base.replace(mixers={**base.mixers, "attention": dataclasses.replace(
+            base.mixers["attention"], rope_base=100.0, key_shift=True)})
     return ModelConfig.from_dict({**base.to_dict(), **changes})
 
 
@@ -219,7 +219,7 @@ def test_mixers_resolve_impl_once_and_expose_it():
 
 
 def test_rope_attention_depends_on_relative_positions_only():
-    rope, nope = build("mixer:attention", "rope"), build("mixer:attention")
+    rope, nope = build("mixer:attention", "rope_key_shift"), build("mixer:attention")
     x = inputs(12)
     y0, _ = rope(x, position=0)
     y1000, _ = rope(x, position=1000)  # the same tokens later in the stream: the same distances, the same output

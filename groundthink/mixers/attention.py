@@ -24,6 +24,13 @@ the one-pass result. It is what attention needs on its own, without recurrent la
 attention-only stack (`model.pattern=A`) on MQAR (Zoology's attention baseline has positions; a NoPE stack learns
 the task far more slowly, experiments/mqar-recall/).
 
+Key shift (`key_shift`, off by default): the keys are computed from a learned per-channel mix of each token and the
+one before it (RWKV's token shift, applied to keys only; the previous token of a segment's first position is carried
+in the state). A key then says "I follow token a", which is what recall needs: the query "a" finds the value that
+followed "a" in one layer. Zoology's attention baselines get the same cue from a short convolution before the
+attention layer; without either, a 2-layer attention stack stays on the 1/kv-pairs plateau of MQAR (it outputs
+one of the context's values at random) for thousands of steps (experiments/mqar-recall/).
+
 What differs from a plain transformer attention: the carried window state. Init: qkv ~ N(0, 0.02),
 out_proj ~ N(0, 0.02/sqrt(2·n_layers)) (GPT-2's residual rescale). `impl` is always "sdpa" (torch picks the
 backend); the model-wide `impl` only concerns the recurrent ops.
@@ -49,6 +56,7 @@ class AttentionConfig:
     n_heads: int = 4
     window: int = 512  # tokens before the current one that a query sees (and that the carried KV cache holds)
     rope_base: float | None = None  # rotary positions with this base (e.g. 10000); null = no positions (NoPE)
+    key_shift: bool = False  # keys from a learned mix of each token and the previous one (module docstring)
 
     # Flat ModelConfig fields of runs saved before mixers had their own settings -> the field here.
     LEGACY_FIELDS: ClassVar[dict[str, str]] = {"attn_heads": "n_heads", "attn_window": "window"}
@@ -82,6 +90,7 @@ class SlidingWindowAttention(SequenceMixer):
         *,
         window: int = 512,
         rope_base: float | None = None,
+        key_shift: bool = False,
         layer_id: int = 0,
         n_layers: int = 1,
         impl: str = "auto",
@@ -94,6 +103,9 @@ class SlidingWindowAttention(SequenceMixer):
             raise ValueError(f"attn_window={window} must be >= 1")
         self.d_model, self.n_heads, self.head_dim, self.window = d_model, n_heads, d_model // n_heads, window
         self.rope_base = rope_base
+        self.key_shift = key_shift
+        if key_shift:  # the share of the previous token in each key channel, learned, starting at one half
+            self.key_shift_mix = nn.Parameter(torch.full((d_model,), 0.5))
         self.impl = "sdpa"
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
@@ -108,6 +120,7 @@ class SlidingWindowAttention(SequenceMixer):
             settings.n_heads,
             window=settings.window,
             rope_base=settings.rope_base,
+            key_shift=settings.key_shift,
             layer_id=ctx.layer_id,
             n_layers=ctx.n_layers,
             impl=ctx.impl,
@@ -116,17 +129,20 @@ class SlidingWindowAttention(SequenceMixer):
 
     def init_state(self, batch_size: int, device) -> dict[str, torch.Tensor]:
         shape = (batch_size, self.n_heads, self.window, self.head_dim)
-        return {
+        state = {
             "k": torch.zeros(shape, device=device),
             "v": torch.zeros(shape, device=device),
             "valid": torch.zeros(batch_size, self.window, dtype=torch.bool, device=device),
         }
+        if self.key_shift:
+            state["shift"] = torch.zeros(batch_size, self.d_model, device=device)
+        return state
 
     def state_size(self, seq_len: int | None = None) -> int:
         """K and V of the window (and its validity flags); with seq_len, the KV cache that a sequence of that length
         fills (min(window, seq_len) positions): attention's recall memory grows with the context up to the window."""
         span = self.window if seq_len is None else min(self.window, int(seq_len))
-        return 2 * self.n_heads * span * self.head_dim + span
+        return 2 * self.n_heads * span * self.head_dim + span + (self.d_model if self.key_shift else 0)
 
     def forward(
         self, x: torch.Tensor, state: dict[str, torch.Tensor] | None = None, *, position: int = 0
@@ -135,7 +151,14 @@ class SlidingWindowAttention(SequenceMixer):
         H, hd, W = self.n_heads, self.head_dim, self.window
         if state is None:
             state = self.init_state(B, x.device)
-        q, k, v = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B,H,T,hd] each
+        if self.key_shift:
+            x_prev = torch.cat([state["shift"].to(x.dtype)[:, None], x[:, :-1]], dim=1)
+            w_q, w_k, w_v = self.qkv.weight.chunk(3, dim=0)
+            shifted = x + (x_prev - x) * self.key_shift_mix
+            q, k, v = (F.linear(inp, w).view(B, T, H, hd).transpose(1, 2)
+                       for inp, w in ((x, w_q), (shifted, w_k), (x, w_v)))
+        else:
+            q, k, v = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B,H,T,hd] each
         if self.rope_base is not None:
             q, k = self._rotate(q, position), self._rotate(k, position)
         cache_k, cache_v, valid = state["k"].to(k.dtype), state["v"].to(v.dtype), state["valid"]
@@ -154,6 +177,8 @@ class SlidingWindowAttention(SequenceMixer):
             cache_k, cache_v, valid = keys[:, :, -W:], values[:, :, -W:], key_valid[:, -W:]
         y = torch.cat(outs, dim=2).transpose(1, 2).reshape(B, T, self.d_model)
         new_state = {"k": cache_k.float(), "v": cache_v.float(), "valid": valid}
+        if self.key_shift:
+            new_state["shift"] = x[:, -1].float()
         return self.out_proj(y), new_state
 
     def _rotate(self, x: torch.Tensor, position: int) -> torch.Tensor:
