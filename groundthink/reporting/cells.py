@@ -2,7 +2,8 @@
 
 A run's parameters are its Hydra overrides plus the config.yaml keys that differ between runs and that no
 override explains (so runs without an overrides file, or sweeps merged from different base configs, still
-separate). Keys never compared, in overrides or configs: the seed keys and everything under `resume`,
+separate). A key that some configs lack (a setting added after those runs were made) separates only the runs that
+have it. Keys never compared, in overrides or configs: the seed keys and everything under `resume`,
 `paths`, `logger`, `tags`, `hydra` (they change where a run writes, not what it learns). The cell label shows
 only the parameters that vary between cells; the ones shared by all runs are reported once as common
 parameters.
@@ -119,7 +120,8 @@ def run_params(runs: list[Run], seed_keys: tuple[str, ...]) -> list[dict[str, st
         for key in all_keys:
             if _ignored(key, seed_keys) or any(key == o or key.startswith(o + ".") for o in override_keys):
                 continue
-            values = {value_string(c[key]) if key in c else None for c in configs}
+            # a run whose config lacks the key predates that setting: it is compared on the keys it has
+            values = {value_string(c[key]) for c in configs if key in c}
             if len(values) > 1:
                 diff_keys.append(key)
         for p, r in zip(params, runs):
