@@ -136,6 +136,28 @@ def test_val_acc_is_the_argmax_accuracy_at_the_labelled_positions_by_hand():
                                              token_bytes=None).validate(data.val_batches)
 
 
+def test_early_stop_rule_directions_and_an_unknown_metric():
+    from types import SimpleNamespace
+
+    from groundthink.training.callbacks import Validation
+    from groundthink.training.settings import EarlyStopSettings
+
+    def check(rule: EarlyStopSettings, metrics: dict, step: int = 10) -> tuple[bool, object]:
+        trainer, module = SimpleNamespace(should_stop=False), SimpleNamespace(stopped_early=None)
+        Validation(10, 100, [], early_stop=rule)._maybe_stop(trainer, module, metrics, step)
+        return trainer.should_stop, module.stopped_early
+
+    assert check(EarlyStopSettings(target=0.9), {"val/acc": 0.95}) == (
+        True, {"step": 10, "metric": "val/acc", "value": 0.95, "target": 0.9})
+    assert check(EarlyStopSettings(target=0.9), {"val/acc": 0.85})[0] is False
+    assert check(EarlyStopSettings(metric="val/loss", target=1.0), {"val/loss": 0.9})[0] is True  # lower is better
+    assert check(EarlyStopSettings(metric="val/loss", target=1.0), {"val/loss": 1.1})[0] is False
+    assert check(EarlyStopSettings(target=0.9), {"val/acc": 0.95}, step=100)[0] is False  # the last step ends anyway
+    assert check(EarlyStopSettings(), {"val/acc": 1.0})[0] is False  # no target: off
+    with pytest.warns(UserWarning, match="early_stop.metric=val/accuracy is not a validation metric"):
+        assert check(EarlyStopSettings(metric="val/accuracy", target=0.9), {"val/acc": 1.0})[0] is False
+
+
 # ----- state sizes -----------------------------------------------------------------------------------------------
 def test_state_sizes_match_a_hand_count():
     """d_model 64, 2 layers, the tiny preset's mixer settings; counts per layer written out by hand."""

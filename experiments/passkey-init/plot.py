@@ -36,8 +36,8 @@ def main(sweep: Path, out: Path) -> None:
             low = [min(v[which] for v in by_distance[d]) for d in xs]
             high = [max(v[which] for v in by_distance[d]) for d in xs]
             label = f"{init}, {'digit' if which == 0 else 'whole key'}"
-            ax.plot(xs, mean, style, marker="o", label=label)
-            ax.fill_between(xs, low, high, alpha=0.15)
+            (line,) = ax.plot(xs, mean, style, marker="o", label=label)
+            ax.fill_between(xs, low, high, alpha=0.15, color=line.get_color())
         for d in xs:
             digit, key = zip(*by_distance[d])
             rows.append({"init": init, "distance": d, "seeds": len(digit),

@@ -210,7 +210,10 @@ def render_markdown(cells: list[Cell], common: dict[str, str], baseline: Cell, w
 
         def stat(name: str, fmt: str = ".4f", c: Cell = c) -> str:
             mean = c.stats[f"{name}_mean"]
-            if not c.completed or (name == "tokens_per_s" and math.isnan(mean)):  # not measured, not a NaN run
+            metric = name.split("_", 1)[1] if name.startswith(("final_", "best_")) else None
+            logged = metric is None or any(metric in r.series or metric in r.summary.get("final", {})
+                                           for r in c.completed)  # e.g. no val/bpb without a tokenizer
+            if not c.completed or not logged or (name == "tokens_per_s" and math.isnan(mean)):  # not a NaN run
                 return "—"
             return _pm(mean, c.stats[f"{name}_std"], fmt)
 

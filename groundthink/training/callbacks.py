@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -126,7 +127,13 @@ class Validation(L.Callback):
 
     def _maybe_stop(self, trainer, pl_module, metrics: dict[str, float], step: int) -> None:
         rule = self.early_stop
-        if rule is None or rule.target is None or rule.metric not in metrics or step >= self.max_steps:
+        if rule is None or rule.target is None or step >= self.max_steps:
+            return
+        if rule.metric not in metrics:
+            if metrics and not getattr(self, "_warned", False):
+                self._warned = True
+                warnings.warn(f"callbacks.early_stop.metric={rule.metric} is not a validation metric of this run "
+                              f"(it logs {', '.join(sorted(metrics))}); the run will not stop early", stacklevel=2)
             return
         value, target = metrics[rule.metric], float(rule.target)
         if value >= target if higher_is_better(rule.metric) else value <= target:
