@@ -97,10 +97,11 @@ def selected(name: str, model: Any, layers: list[str]) -> bool:
 
 
 def quantise_model(model: nn.Module, s: SteSettings) -> list[str]:
-    """Swap the selected nn.Linear layers of `model` for TernaryLinear in place; returns their names. Idempotent."""
+    """Swap the selected nn.Linear layers of `model` for TernaryLinear in place; returns the names swapped (none
+    when `model` is already quantised)."""
     check_settings(s)
     chosen = [name for name, m in model.named_modules() if type(m) is nn.Linear and selected(name, model, s.layers)]
-    if not chosen:
+    if not chosen and not ternary_layers(model):
         raise ValueError(f"ste.layers={list(s.layers)} selects no linear layer of this model (pattern "
                          f"{model.cfg.pattern!r}); choose layers the model has, e.g. ste.layers=[mixers,ffn]")
     for name in chosen:
