@@ -184,6 +184,10 @@ def test_packed_export_reproduces_the_ternary_models_logits_exactly_and_is_16x_s
         b, state_b = packed(ids)
         assert torch.equal(a, b)
         assert torch.equal(loaded.model(ids[:, :4], state_a)[0], packed(ids[:, :4], state_b)[0])
+    again = groundthink.load(tmp_path / "export" / "ternary.safetensors")  # what groundthink-eval loads
+    assert again.step == 3 and again.tokenizer is not None
+    with torch.no_grad():
+        assert torch.equal(again.model(ids)[0], a)
     assert report["quantised_ratio"] >= 8 and report["quantised_packed_bytes"] * 8 <= report["quantised_fp32_bytes"]
     assert report["file_bytes"] < report["model_fp32_bytes"]
     print(f"packed export ({s.scale}, layers {s.layers}): {report['quantised_fp32_bytes']} B fp32 -> "

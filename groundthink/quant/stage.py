@@ -207,10 +207,11 @@ def export_packed(source: str | Path, out_dir: str | Path) -> dict[str, Any]:
     s = settings_from_config(run.config)
     model_fp32 = sum(t.numel() * 4 for t in model.state_dict().values())
     out_dir = Path(out_dir)
+    source_record = {"checkpoint": str(run.checkpoint), "step": run.step, "run_id": run.run_id,
+                     "checkpoint_sha256": run.checkpoint_sha256}
     meta = {"packed_format": PACKED_FORMAT, "packed_version": 1, "model": run.model_config.to_dict(),
-            "ste": asdict(s), "layers": layers, "source": {"checkpoint": str(run.checkpoint), "step": run.step,
-                                                           "checkpoint_sha256": run.checkpoint_sha256,
-                                                           "run_id": run.run_id}}
+            "config": run.config, "ste": asdict(s), "layers": layers, "source": source_record, "step": run.step,
+            "run_id": run.run_id}
     report = {"quantised_layers": len(layers), "quantised_fp32_bytes": quantised_fp32,
               "quantised_packed_bytes": quantised_packed,
               "quantised_ratio": quantised_fp32 / max(1, quantised_packed), "model_fp32_bytes": model_fp32}
@@ -226,7 +227,6 @@ def load_packed(path: str | Path, *, device: str | torch.device | None = None) -
     """The model of a packed export (`export/ternary.safetensors` or its folder), in eval mode: a HybridLM whose
     quantised layers are PackedTernaryLinear. Raises LoadError for a file that is not a verified packed export."""
     from groundthink.loading import LoadError
-    from groundthink.models import HybridLM, ModelConfig
     from groundthink.training.checkpoint import CheckpointError, load_checkpoint
 
     path = Path(path)
@@ -242,6 +242,16 @@ def load_packed(path: str | Path, *, device: str | torch.device | None = None) -
     if meta.get("packed_format") != PACKED_FORMAT:
         raise LoadError(f"{path} is not a packed ternary export (no packed_format={PACKED_FORMAT!r} in its "
                         f"sidecar); load a training checkpoint with groundthink.load instead")
+    return packed_model(tensors, meta, path, device=device)
+
+
+def packed_model(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path, *,
+                 device: str | torch.device | None = None) -> nn.Module:
+    """The eval-mode model of a verified packed export's tensors and sidecar meta (load_packed, groundthink.load)."""
+    from groundthink.loading import LoadError
+    from groundthink.models import HybridLM, ModelConfig
+
+    tensors = dict(tensors)
     s = SteSettings(**meta["ste"])
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):
