@@ -7,8 +7,11 @@
 Every later stage starts here (evaluation, generation, serving, data generation with a trained model, fine-tuning
 from `init_from=`). The checkpoint is verified against its JSON sidecar (size, sha256, meta hash) before anything
 is built, the model is built from the config recorded in that sidecar (what the weights were trained with), and
-the weights must match the model exactly (no missing or unexpected keys). The tokenizer comes from the run
-folder's `tokenizer/`; a char tokenizer, which is fixed, is rebuilt when a lone checkpoint file has none beside it.
+the weights must match the model exactly (no missing or unexpected keys). A stage=ste run is rebuilt with its
+ternary layers (groundthink/quant), so its latent weights load into the quantised model that was trained; its packed
+export (export/ternary.safetensors) loads as the packed ternary model. The tokenizer comes from the run folder's
+`tokenizer/` (or the one beside the file); a char tokenizer, which is fixed, is rebuilt when a lone checkpoint file
+has none beside it.
 """
 
 from __future__ import annotations
@@ -137,13 +140,19 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: t
     except (TypeError, ValueError) as exc:
         raise LoadError(f"{checkpoint}: the model config recorded with it does not build a model ({exc}); it was "
                         f"written by an incompatible GroundThink version or edited by hand") from None
-    with torch.device("meta"):
-        model = HybridLM(model_config, device=device)
-    weights = _weights(tensors, checkpoint)
-    try:
-        model.load_state_dict(weights, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise LoadError(f"{checkpoint}: its weights do not fit the model its config describes ({exc})") from None
+    if meta.get("packed_format"):  # a stage=ste packed export (groundthink/quant): its ternary model
+        from groundthink.quant.stage import packed_model
+
+        model = packed_model(tensors, meta, checkpoint, device=device)
+    else:
+        with torch.device("meta"):
+            model = HybridLM(model_config, device=device)
+        weights = _weights(tensors, checkpoint)
+        try:
+            model.load_state_dict(weights, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise LoadError(f"{checkpoint}: its weights do not fit the model its config describes ({exc})") from None
+        _quantise_if_ste(model, config, checkpoint)
     model.to(device=device)
     if dtype is not None:
         model.to(dtype=dtype)
@@ -160,6 +169,19 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: t
         checkpoint_sha256=sha,
         meta=meta,
     )
+
+
+def _quantise_if_ste(model: Any, config: dict[str, Any], checkpoint: Path) -> None:
+    """A stage=ste run's checkpoint holds the latent full-precision weights: rebuild its ternary layers, so what is
+    loaded (and evaluated) is the ternary model it trained."""
+    from groundthink.quant.stage import quantise_model, settings_from_config
+
+    ste = settings_from_config(config)
+    if ste is not None:
+        try:
+            quantise_model(model, ste)
+        except (TypeError, ValueError) as exc:
+            raise LoadError(f"{checkpoint}: its ste settings do not rebuild the ternary model ({exc})") from None
 
 
 def _run_config(run_dir: Path | None, checkpoint: Path) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from groundthink.data.sources import DATA_SOURCES, TokenizerSettings
 from groundthink.mixers import MIXERS
 from groundthink.models.config import ModelConfig
 from groundthink.models.presets import PRESETS, preset
+from groundthink.quant.stage import SteSettings
 from groundthink.training.diagnostics import DiagnosticsSettings
 from groundthink.training.settings import (
     CallbackSettings,
@@ -79,9 +80,10 @@ class TrainConfig:
     # Start from another run's weights (fine-tuning): `init_from=<run folder or checkpoint>`; model shape and
     # vocabulary must match the parent's, the tokenizer is the parent's (groundthink/training/lineage.py).
     init_from: str | None = None
-    # The training stage (conf/stage/: pretrain | sft), set by the stage group; stage=sft requires init_from.
+    # The training stage (conf/stage/: pretrain | sft | ste), set by the stage group; sft and ste require init_from.
     stage: str = "pretrain"
     faults: FaultSettings = field(default_factory=FaultSettings)
+    ste: SteSettings = field(default_factory=SteSettings)  # stage=ste: the ternary layers (groundthink/quant)
     # Site settings from the git-ignored conf/local/default.yaml (e.g. `slurm:` defaults that
     # conf/hydra/launcher/slurm.yaml reads); absent on most machines.
     local: Any = None

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from groundthink import schema
 from groundthink.hydra_support import Job, current_job, register_resolvers, resume_config, run_entry
+from groundthink.quant.stage import SteSettings
 from groundthink.training.run import UserError
 
 log = logging.getLogger("groundthink")
@@ -60,6 +61,7 @@ def settings_of(cfg: DictConfig) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise UserError(f"{exc} (set in the model config group: conf/model/, or model.<field>=...)") from None
     groups["gate"] = OmegaConf.to_container(cfg.gate, resolve=True) if cfg.get("gate") is not None else None
+    groups["ste"] = _structured(SteSettings, cfg.get("ste") or {}, "ste")  # stage=ste (groundthink/quant)
     return groups
 
 
@@ -87,6 +89,14 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
 
         try:  # a bad gate block fails now, not after the training it would judge
             check_gate_config(s["gate"], s["diagnostics"])
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+    if cfg.get("stage") == "ste":  # a bad layer selection or scale fails now, before any data or model
+        from groundthink.quant.stage import check_settings
+
+        try:
+            check_settings(s["ste"])
         except ValueError as exc:
             raise UserError(str(exc)) from None
 
@@ -120,6 +130,14 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
                         reuse_tokenizer=folder.resume or bool(parent))
     model = HybridLM(s["model"].replace(vocab_size=data.vocab_size))
     lineage_fields = {"parent": lineage.init_weights(model, parent, init_from)} if parent else {}
+    ste = s["ste"] if cfg.get("stage") == "ste" else None
+    if ste is not None:  # ternary layers over the parent's weights (the latent weights stay the checkpoint's)
+        from groundthink.quant.stage import quantise_model
+
+        try:
+            quantise_model(model, ste)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     if trainer_s.compile:
         assembly.compile_blocks(model)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -141,13 +159,18 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
     callbacks = assembly.build_callbacks(
         s["callbacks"], trainer_s, s["faults"], checkpoint_dir=folder.checkpoints, val_batches=data.val_batches,
         diagnostics=build_diagnostics(s["diagnostics"], model), flops_params=count_flops_params(model))
+    if ste is not None and ste.eval_ptq:
+        from groundthink.quant.stage import ptq_report
+
+        callbacks["all"].append(ptq_report(data.val_batches))
     trainer = assembly.build_trainer(trainer_s, optim_s, loggers=loggers, callbacks=callbacks["all"],
                                      run_dir=folder.path, progress_bar=s["callbacks"].progress_bar)
     datamodule = TBPTTDataModule(data, curriculum=Curriculum(s["data"].curriculum, s["data"].seq_len),
                                  accumulate_grad_batches=trainer_s.accumulate_grad_batches)
     extra = {**lineage_fields, **({"data_stats": data.stats} if data.stats else {})}  # summary.json additions
     return SimpleNamespace(s=s, folder=folder, data=data, model=model, module=module, loggers=loggers, extra=extra,
-                           callbacks=callbacks, trainer=trainer, datamodule=datamodule, wandb_record=wandb_record)
+                           callbacks=callbacks, trainer=trainer, datamodule=datamodule, wandb_record=wandb_record,
+                           ste=ste)
 
 
 def _fit(job: Job, run: SimpleNamespace) -> dict[str, Any]:
@@ -162,8 +185,13 @@ def _fit(job: Job, run: SimpleNamespace) -> dict[str, Any]:
                       wandb_on=wandb_record is not None, job_start=job.started,
                       summary_fields={"num_params": model.num_params(), "wandb": wandb_record,
                                       "state_size": model.state_sizes(seq_len=s["data"].seq_len), **run.extra})
-    log.info("\n".join(closing_lines(outcome, folder, precision=s["trainer"].precision,
-                                     wandb_mode=wandb_record["mode"] if wandb_record else "disabled")))
+    lines = closing_lines(outcome, folder, precision=s["trainer"].precision,
+                          wandb_mode=wandb_record["mode"] if wandb_record else "disabled")
+    if run.ste is not None and outcome.status == "completed" and run.trainer.is_global_zero:
+        from groundthink.quant.stage import finish
+
+        lines += finish(folder.path, outcome.summary, run.ste)  # the three losses, the packed export
+    log.info("\n".join(lines))
     gate_exit = 0
     if s["gate"] is not None and outcome.status != "interrupted" and run.trainer.is_global_zero:
         from groundthink.gates import finish_gate_run

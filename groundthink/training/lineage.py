@@ -16,7 +16,7 @@ from typing import Any
 
 from groundthink.training.run import UserError
 
-STAGES_WITH_A_PARENT = ("sft",)  # stages that start from a trained run (conf/stage/<name>.yaml)
+STAGES_WITH_A_PARENT = ("sft", "ste")  # stages that start from a trained run (conf/stage/<name>.yaml)
 
 
 def required(cfg: Any) -> str | None:
@@ -24,7 +24,7 @@ def required(cfg: Any) -> str | None:
     stage = cfg.get("stage") or "pretrain"
     if stage in STAGES_WITH_A_PARENT and not cfg.get("init_from"):
         raise UserError(f"stage={stage} starts from a trained run: give init_from=<run folder or checkpoint> "
-                        "(e.g. stage=sft init_from=outputs/tiny/2026-11-24_07-00-00_1a2b3c4d)")
+                        f"(e.g. stage={stage} init_from=outputs/tiny/2026-11-24_07-00-00_1a2b3c4d)")
     value = cfg.get("init_from")
     return str(value) if value else None
 
