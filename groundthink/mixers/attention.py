@@ -153,10 +153,10 @@ class SlidingWindowAttention(SequenceMixer):
             state = self.init_state(B, x.device)
         if self.key_shift:
             x_prev = torch.cat([state["shift"].to(x.dtype)[:, None], x[:, :-1]], dim=1)
-            w_q, w_k, w_v = self.qkv.weight.chunk(3, dim=0)
             shifted = x + (x_prev - x) * self.key_shift_mix
-            q, k, v = (F.linear(inp, w).view(B, T, H, hd).transpose(1, 2)
-                       for inp, w in ((x, w_q), (shifted, w_k), (x, w_v)))
+            # through the qkv layer itself (not its weight), so a replaced layer (stage=ste's ternary) still applies
+            q, _, v = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            k = self.qkv(shifted).view(B, T, 3, H, hd)[:, :, 1].transpose(1, 2)
         else:
             q, k, v = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B,H,T,hd] each
         if self.rope_base is not None:
