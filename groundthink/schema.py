@@ -79,8 +79,9 @@ class TrainConfig:
     # Start from another run's weights (fine-tuning): `init_from=<run folder or checkpoint>`; model shape and
     # vocabulary must match the parent's, the tokenizer is the parent's (groundthink/training/lineage.py).
     init_from: str | None = None
-    # The training stage (conf/stage/: pretrain | sft), set by the stage group; stage=sft requires init_from.
+    # The training stage (conf/stage/: pretrain | sft | rl), set by the stage group; sft and rl require init_from.
     stage: str = "pretrain"
+    rl: Any = None  # stage=rl's settings (schema/rl, groundthink/rl/settings.py), set by conf/stage/rl.yaml
     faults: FaultSettings = field(default_factory=FaultSettings)
     # Site settings from the git-ignored conf/local/default.yaml (e.g. `slurm:` defaults that
     # conf/hydra/launcher/slurm.yaml reads); absent on most machines.
@@ -131,6 +132,9 @@ def register() -> None:
         cs.store(group="model", name=name, node=preset_node(name))
     for name, source in DATA_SOURCES.items():
         cs.store(group="schema/data", name=name, node=source.Settings)
+    from groundthink.rl.settings import RLSettings
+
+    cs.store(group="schema/rl", name="default", node=RLSettings)
     from groundthink.evaluation.tasks import TASKS
 
     cs.store(name="groundthink_eval", node=EvalConfig)
