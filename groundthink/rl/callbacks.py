@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 
+from groundthink.rl.settings import validation_due
 from groundthink.training.callbacks import Throughput, completed_step, log_metrics
 
 log = logging.getLogger("groundthink")
@@ -39,13 +40,6 @@ class _Count:
         return self.n
 
 
-def validation_due(step: int, batch_size: int, every_episodes: int) -> bool:
-    """True when the episodes trained up to `step` cross a multiple of `every_episodes` (0 = never)."""
-    if every_episodes <= 0:
-        return False
-    return (step * batch_size) // every_episodes > ((step - 1) * batch_size) // every_episodes
-
-
 class RewardValidation(L.Callback):
     def __init__(self, checkpoint_dir: Path, *, batch_size: int, every_episodes: int, max_steps: int,
                  patience: int, min_delta: float) -> None:
@@ -62,7 +56,7 @@ class RewardValidation(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = completed_step(pl_module)
-        if step is None or trainer.received_sigterm:
+        if step is None:  # (also on a step that SIGTERM ends: the stopping rule's state must be the same on resume)
             return
         if not (validation_due(step, self.batch_size, self.every_episodes) or step == self.max_steps):
             return

@@ -60,3 +60,10 @@ class RLSettings:
             raise ValueError("rl.val_temperature, rl.value_coef and rl.entropy_coef must be >= 0")
         if not 0 < self.entropy_decay <= 1:
             raise ValueError(f"rl.entropy_decay={self.entropy_decay} must be in (0, 1]")
+
+
+def validation_due(step: int, batch_size: int, every_episodes: int) -> bool:
+    """True when the episodes trained up to `step` cross a multiple of `every_episodes` (0 = never)."""
+    if every_episodes <= 0:
+        return False
+    return (step * batch_size) // every_episodes > ((step - 1) * batch_size) // every_episodes

@@ -22,6 +22,7 @@ from groundthink.training.run import UserError
 
 
 def rl_settings(cfg: DictConfig) -> Any:
+    """The `rl` block as RLSettings, checked (a UserError naming the first bad setting)."""
     from groundthink.rl.settings import RLSettings
     from groundthink.train import _structured
 
