@@ -104,8 +104,8 @@ def test_advantages_and_reinforce_loss_match_a_hand_computation():
     pg = -sum(a * lp for a, lp in zip(hand_adv, [-1.0, -2.0, -3.0, -4.0])) / 4
     mse = sum((v - r) ** 2 for v, r in zip([0.5, 0.5, 0.25, 0.75], [1.0, 0.0, 0.5, 0.5])) / 4
     assert float(parts["pg_loss"].detach()) == pytest.approx(pg, abs=1e-6)
-    assert float(parts["value_loss"]) == pytest.approx(mse)
-    assert float(loss) == pytest.approx(pg + 0.5 * mse - 0.01 * 2.0, abs=1e-6)
+    assert float(parts["value_loss"].detach()) == pytest.approx(mse)
+    assert float(loss.detach()) == pytest.approx(pg + 0.5 * mse - 0.01 * 2.0, abs=1e-6)
     loss.backward()
     # d loss / d logp_i = -A_i / B; the values get only the squared-error gradient (advantages are detached)
     assert logp.grad.tolist() == pytest.approx([-a / 4 for a in hand_adv], abs=1e-6)
@@ -233,7 +233,11 @@ def test_stage_rl_bad_input_fails_before_anything_with_one_line(tmp_path):
     proc = run_train(tmp_path, "stage=rl", "name=rl", "init_from=/nowhere", "rl.reward=nope", expect_rc=1)
     error = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert len(error) == 1 and "rl.reward='nope' is not a registered reward" in error[0], proc.stderr[-2000:]
-    proc = run_train(tmp_path, "stage=rl", "name=rl", expect_rc=1)
-    error = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
-    assert len(error) == 1 and "stage=rl starts from a trained run: give init_from=" in error[0], proc.stderr[-2000:]
     assert run_dirs(tmp_path, "rl") == []
+    from omegaconf import OmegaConf
+
+    from groundthink.training import lineage
+    from groundthink.training.run import UserError
+
+    with pytest.raises(UserError, match="stage=rl starts from a trained run: give init_from="):
+        lineage.required(OmegaConf.create({"stage": "rl", "init_from": None}))
