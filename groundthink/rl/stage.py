@@ -53,6 +53,9 @@ def prepare(cfg: DictConfig, job: Any, s: dict[str, Any]) -> SimpleNamespace:
 
     init_from = lineage.required(cfg)
     rl = rl_settings(cfg)
+    if s["gate"] is not None:
+        raise UserError("gates judge language-model runs (val/loss, diagnostics); stage=rl runs take no gate= "
+                        "(judge an RL run by its val/reward, or groundthink-eval on it)")
 
     from groundthink.models import HybridLM
     from groundthink.rl.callbacks import EpisodeThroughput, RewardValidation
