@@ -80,8 +80,10 @@ class TrainConfig:
     # Start from another run's weights (fine-tuning): `init_from=<run folder or checkpoint>`; model shape and
     # vocabulary must match the parent's, the tokenizer is the parent's (groundthink/training/lineage.py).
     init_from: str | None = None
-    # The training stage (conf/stage/: pretrain | sft | ste), set by the stage group; sft and ste require init_from.
+    # The training stage (conf/stage/: pretrain | sft | ste | rl), set by the stage group; all but pretrain require
+    # init_from.
     stage: str = "pretrain"
+    rl: Any = None  # stage=rl's settings (schema/rl, groundthink/rl/settings.py), set by conf/stage/rl.yaml
     faults: FaultSettings = field(default_factory=FaultSettings)
     ste: SteSettings = field(default_factory=SteSettings)  # stage=ste: the ternary layers (groundthink/quant)
     # Site settings from the git-ignored conf/local/default.yaml (e.g. `slurm:` defaults that
@@ -133,6 +135,9 @@ def register() -> None:
         cs.store(group="model", name=name, node=preset_node(name))
     for name, source in DATA_SOURCES.items():
         cs.store(group="schema/data", name=name, node=source.Settings)
+    from groundthink.rl.settings import RLSettings
+
+    cs.store(group="schema/rl", name="default", node=RLSettings)
     from groundthink.evaluation.tasks import TASKS
 
     cs.store(name="groundthink_eval", node=EvalConfig)

@@ -84,6 +84,10 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
     if cfg.resume:
         cfg = resume_config(cfg, job)
     s = settings_of(cfg)
+    if cfg.get("stage") == "rl":  # REINFORCE from a trained run: its own module and callbacks (groundthink/rl/)
+        from groundthink.rl.stage import prepare
+
+        return prepare(cfg, job, s)
     if s["gate"] is not None:
         from groundthink.gates import check_gate_config
 

@@ -1,4 +1,4 @@
-"""`init_from=<run folder or checkpoint>`: a run that starts from another run's weights (fine-tuning, stage=sft).
+"""`init_from=<run folder or checkpoint>`: a run that starts from another run's weights (stage=sft, stage=rl).
 
 The parent is loaded with `groundthink.load` (its checkpoint verified against its sidecar). Strict: the child's
 tokenizer group must describe the parent's tokenizer (which is copied into the child's tokenizer/ folder and used
@@ -16,7 +16,7 @@ from typing import Any
 
 from groundthink.training.run import UserError
 
-STAGES_WITH_A_PARENT = ("sft", "ste")  # stages that start from a trained run (conf/stage/<name>.yaml)
+STAGES_WITH_A_PARENT = ("sft", "ste", "rl")  # stages that start from a trained run (conf/stage/<name>.yaml)
 
 
 def required(cfg: Any) -> str | None:
