@@ -252,7 +252,8 @@ def _job(sweep: Path, num: int, pattern: str, kv: int, lr: str, seed: int, acc: 
     overrides = [f"model.pattern={pattern}", f"mqar_cell=T64_kv{kv}", f"optim.lr={lr}", f"seed={seed}"]
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     model = {"pattern": pattern, **({"new_setting": 1} if seed == 2 else {})}  # seed 1 predates a new setting
-    (job / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "model": model}))
+    config = {"seed": seed, "model": model, "data": {"num_kv_pairs": kv}}  # num_kv_pairs follows mqar_cell
+    (job / "config.yaml").write_text(yaml.safe_dump(config))
     with open(job / "metrics.csv", "w") as f:
         f.write("step,val/loss,val/acc\n")
         f.write(f"100,{4.0 - acc},{acc / 2}\n200,{3.0 - acc},{acc}\n300,{3.1 - acc},{acc - 0.01}\n")
@@ -285,6 +286,7 @@ def test_compare_takes_the_best_accuracy_and_the_best_learning_rate(tmp_path, ca
         best_lr = max(by_lr, key=lambda lr: np.mean(by_lr[lr]))
         row = cells[(pattern, f"T64_kv{kv}")]
         assert row["best_optim.lr"] == best_lr and row["n_runs"] == "2"  # the missing key did not split the seeds
+        assert "num_kv_pairs" not in row["cell"] and "data.num_kv_pairs" not in row  # determined by mqar_cell
         assert math.isclose(float(row["final_val_acc_mean"]), float(np.mean(by_lr[best_lr])), rel_tol=1e-12)
         assert math.isclose(float(row["best_val_acc_mean"]), float(np.mean(by_lr[best_lr])) + 0.01, rel_tol=1e-12)
     report = (out / "report.md").read_text()

@@ -3,7 +3,7 @@
 A run's parameters are its Hydra overrides plus the config.yaml keys that differ between runs and that no
 override explains (so runs without an overrides file, or sweeps merged from different base configs, still
 separate). A key that some configs lack (a setting added after those runs were made) separates only the runs that
-have it. Keys never compared, in overrides or configs: the seed keys and everything under `resume`,
+have it, and a key that the overrides determine (a group option's values) is not a parameter of its own. Keys never compared, in overrides or configs: the seed keys and everything under `resume`,
 `paths`, `logger`, `tags`, `hydra` (they change where a run writes, not what it learns). The cell label shows
 only the parameters that vary between cells; the ones shared by all runs are reported once as common
 parameters.
@@ -122,12 +122,27 @@ def run_params(runs: list[Run], seed_keys: tuple[str, ...]) -> list[dict[str, st
                 continue
             # a run whose config lacks the key predates that setting: it is compared on the keys it has
             values = {value_string(c[key]) for c in configs if key in c}
-            if len(values) > 1:
+            if len(values) > 1 and not _follows_overrides(key, runs, params):
                 diff_keys.append(key)
         for p, r in zip(params, runs):
             if r.config is not None:
                 p.update({k: value_string(r.config[k]) for k in diff_keys if k in r.config})
     return params
+
+
+def _follows_overrides(key: str, runs: list[Run], params: list[dict[str, str]]) -> bool:
+    """True when the runs' overrides determine the key's value (e.g. data.num_kv_pairs under `mqar_cell=T64_kv4`, a
+    group option): runs with the same overrides never differ in it, so it separates no cells and is not a label."""
+    if not any(params):
+        return False
+    seen: dict[tuple, str] = {}
+    for p, r in zip(params, runs):
+        if r.config is None or key not in r.config:
+            continue
+        value = value_string(r.config[key])
+        if seen.setdefault(tuple(sorted(p.items())), value) != value:
+            return False
+    return True
 
 
 def group_cells(runs: list[Run], seed_keys: tuple[str, ...] = ("seed",)) -> tuple[list[Cell], dict[str, str]]:
