@@ -101,7 +101,9 @@ def sort_value(text: str | None) -> tuple:
     value = parse_value(text)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (1, float(value), text)
-    return (2, 0.0, text)
+    # text in natural order: the numbers inside it compare as numbers (T64_kv4 before T64_kv16)
+    natural = tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", text)))
+    return (2, 0.0, natural)
 
 
 def _ignored(key: str, seed_keys: tuple[str, ...]) -> bool:

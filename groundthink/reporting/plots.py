@@ -123,7 +123,7 @@ def plot_axis(cells: list[Cell], key: str, axes: list[str], path: Path, metric: 
 
 # Axes that change the model's state size (x of the state-size plot) and the task axes (one panel each).
 _SIZE_KEYS = ("model.d_model", "model.n_layers", "model.mixers.", "sweep.state")
-_TASK_KEYS = ("data.num_kv_pairs", "data.seq_len", "data.distances")
+_TASK_KEYS = ("mqar_cell", "data.num_kv_pairs", "data.seq_len", "data.distances")
 
 
 def plot_vs_state_size(cells: list[Cell], axes: list[str], path: Path, metric: str = VAL_LOSS) -> Path | None:
@@ -153,6 +153,7 @@ def plot_vs_state_size(cells: list[Cell], axes: list[str], path: Path, metric: s
             label = ",".join(f"{a}={v}" for a, v in zip(series_keys, combo) if v is not None) or "all"
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("state size (elements per sequence, log)")
         ax.set_title(",".join(f"{a}={v}" for a, v in zip(panel_keys, panel)) or f"{metric} vs state size",
                      fontsize="medium")
