@@ -3,8 +3,9 @@
 A run's parameters are its Hydra overrides plus the config.yaml keys that differ between runs and that no
 override explains (so runs without an overrides file, or sweeps merged from different base configs, still
 separate). A key that some configs lack (a setting added after those runs were made) separates only the runs that
-have it, and a key that the overrides determine (a group option's values) is not a parameter of its own. Keys never compared, in overrides or configs: the seed keys and everything under `resume`,
-`paths`, `logger`, `tags`, `hydra` (they change where a run writes, not what it learns). The cell label shows
+have it, and a key that the overrides determine (a group option's values) is not a parameter of its own. Keys
+never compared, in overrides or configs: the seed keys and everything under `resume`, `paths`, `logger`, `tags`,
+`hydra` (they change where a run writes, not what it learns). The cell label shows
 only the parameters that vary between cells; the ones shared by all runs are reported once as common
 parameters.
 
