@@ -144,7 +144,7 @@ def test_early_stop_rule_directions_and_an_unknown_metric():
 
     def check(rule: EarlyStopSettings, metrics: dict, step: int = 10) -> tuple[bool, object]:
         trainer, module = SimpleNamespace(should_stop=False), SimpleNamespace(stopped_early=None)
-        Validation(10, 100, [], early_stop=rule)._maybe_stop(trainer, module, metrics, step)
+        Validation(10, 100, [{}], early_stop=rule)._maybe_stop(trainer, module, metrics, step)
         return trainer.should_stop, module.stopped_early
 
     assert check(EarlyStopSettings(target=0.9), {"val/acc": 0.95}) == (
@@ -156,6 +156,10 @@ def test_early_stop_rule_directions_and_an_unknown_metric():
     assert check(EarlyStopSettings(), {"val/acc": 1.0})[0] is False  # no target: off
     with pytest.warns(UserWarning, match="early_stop.metric=val/accuracy is not a validation metric"):
         assert check(EarlyStopSettings(metric="val/accuracy", target=0.9), {"val/acc": 1.0})[0] is False
+    with pytest.raises(ValueError, match="early_stop.metric='acc' is not a validation metric"):
+        Validation(10, 100, [{}], early_stop=EarlyStopSettings(metric="acc"))
+    with pytest.raises(ValueError, match="needs validation: set trainer.val_every_n_steps > 0"):
+        Validation(0, 100, [{}], early_stop=EarlyStopSettings(target=0.9))
 
 
 # ----- state sizes -----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 Both sources turn the generators of groundthink/data/synthetic.py into a run's training stream and validation
 batches; the model's vocabulary is `data.vocab_size` (token ids are the task's own, there is no text and no
 tokenizer). Validation reports `val/acc` besides `val/loss`: the share of labelled positions (MQAR queries, passkey
-digits) where the argmax of the next-token logits is the label, and `callbacks.early_stop.val_acc` can end a run
+digits) where the argmax of the next-token logits is the label, and `callbacks.early_stop.target` can end a run
 when it reaches a target.
 
 **mqar** (multi-query associative recall, Zoology): every example is one `seq_len`-token sequence read from a fresh

@@ -115,6 +115,12 @@ class Validation(L.Callback):
         self.max_steps = max_steps
         self.batches = batches
         self.early_stop = early_stop
+        if early_stop is not None and not str(early_stop.metric).startswith("val/"):
+            raise ValueError(f"callbacks.early_stop.metric={early_stop.metric!r} is not a validation metric: "
+                             "early stopping watches what validation logs, e.g. val/acc or val/loss")
+        if early_stop is not None and early_stop.target is not None and (every_n_steps <= 0 or not batches):
+            raise ValueError(f"callbacks.early_stop.target={early_stop.target} needs validation: set "
+                             "trainer.val_every_n_steps > 0 and a data source with held-out batches")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = completed_step(pl_module)
