@@ -206,55 +206,75 @@ class ChatSource(DataSource):
 
     def prepare(self, settings: ChatDataSettings, tokenizer: TokenizerSettings, *, seed: int,
                 tokenizer_dir: Path | None = None, reuse_tokenizer: bool = False) -> PreparedData:
-        from groundthink.data.corpus import render_chat
-        from groundthink.data.tokenizer import Tokenizer, build_tokenizer
-
-        for name in ("batch_size", "seq_len", "val_batches", "max_tokens"):
-            _check_positive(f"data.{name}", getattr(settings, name))
-        if not 0.0 <= float(settings.val_fraction) < 1.0:
-            raise DataError(f"data.val_fraction={settings.val_fraction} must be in [0, 1)")
+        check_conversation_settings(settings)
         conversations = read_conversations(settings.path, settings.max_documents)
         train_convs, val_convs = split_conversations(conversations, settings.val_fraction, seed)
-        val_texts = [render_chat(m) for m in val_convs]
-        if reuse_tokenizer and tokenizer_dir is not None and tokenizer_dir.exists():
-            tok = Tokenizer.load(tokenizer_dir)
-        else:
-            tok = build_tokenizer(tokenizer.kind, [render_chat(m) for m in train_convs], tokenizer.vocab_size)
-            if tokenizer_dir is not None:
-                tok.save(tokenizer_dir)
-        docs, targets, counts, truncated = encode_conversations(tok, train_convs, settings.max_tokens)
-        needed = settings.batch_size * settings.seq_len
-        if docs.num_tokens < needed:
-            raise DataError(f"the chat training split holds {docs.num_tokens} tokens, fewer than one batch needs "
-                            f"(data.batch_size {settings.batch_size} x seq_len {settings.seq_len} = {needed})")
-        if int(targets.tokens.sum()) == 0:
-            raise DataError(f"data.path={settings.path}: no assistant tokens in the training conversations (the loss "
-                            "is on assistant turns only)")
-        val_batches: list[dict[str, Any]] = []
-        val_counts, val_truncated = {}, 0
-        if val_convs:
-            vdocs, vtargets, val_counts, val_truncated = encode_conversations(tok, val_convs, settings.max_tokens)
-            val_stream = MaskedTBPTTStream(vdocs, vtargets, batch_size=settings.batch_size, pad_id=tok.pad_id,
-                                           seed=seed)
-            val_batches = val_stream.validation_batches(settings.seq_len, settings.val_batches)
-        else:
-            warnings.warn("no held-out conversations (data.val_fraction=0?): no val/loss will be logged",
-                          UserWarning, stacklevel=2)
-        stats = {"conversations": {"train": len(train_convs), "val": len(val_convs)},
-                 "tokens_by_role": {"train": counts, "val": val_counts},
-                 "truncated": {"train": truncated, "val": val_truncated, "max_tokens": settings.max_tokens}}
-        log.info(f"chat data {settings.path}: {len(train_convs)} train / {len(val_convs)} held-out conversations; "
-                 f"train tokens by role {counts}; truncated to data.max_tokens={settings.max_tokens}: "
-                 f"{truncated} train, {val_truncated} held-out")
-        return PreparedData(
-            tokenizer=tok,
-            vocab_size=tok.vocab_size,
-            make_train_stream=ChatLanes(docs, targets, settings.batch_size, tok.pad_id, seed),
-            val_batches=val_batches,
-            token_bytes=torch.tensor(tok.token_byte_lengths(), dtype=torch.float32),
-            val_texts=val_texts,
-            description=f"{len(train_convs)} conversations, {docs.num_tokens / 1e6:.3f}M tokens "
-                        f"({int(targets.tokens.sum())} assistant targets)",
-            pad_id=tok.pad_id,
-            stats=stats,
-        )
+        return prepare_conversations(train_convs, val_convs, settings, tokenizer, seed=seed,
+                                     where=f"data.path={settings.path}", tokenizer_dir=tokenizer_dir,
+                                     reuse_tokenizer=reuse_tokenizer)
+
+
+def check_conversation_settings(settings: Any) -> None:
+    """batch_size, seq_len, val_batches, max_tokens positive; val_fraction in [0, 1)."""
+    for name in ("batch_size", "seq_len", "val_batches", "max_tokens"):
+        _check_positive(f"data.{name}", getattr(settings, name))
+    if not 0.0 <= float(settings.val_fraction) < 1.0:
+        raise DataError(f"data.val_fraction={settings.val_fraction} must be in [0, 1)")
+
+
+def prepare_conversations(train_convs: list, val_convs: list, settings: Any, tokenizer: TokenizerSettings, *,
+                          seed: int, where: str, tokenizer_dir: Path | None = None,
+                          reuse_tokenizer: bool = False) -> PreparedData:
+    """PreparedData of conversations already split into training and held-out ones: the tokenizer (trained on the
+    training conversations for bpe), assistant-token targets, TBPTT lanes and validation batches. `settings` has
+    batch_size, seq_len, val_batches and max_tokens; `where` names the data in messages (data.path=..., ...)."""
+    from groundthink.data.corpus import render_chat
+    from groundthink.data.tokenizer import Tokenizer, build_tokenizer
+
+    val_texts = [render_chat(m) for m in val_convs]
+    if reuse_tokenizer and tokenizer_dir is not None and tokenizer_dir.exists():
+        tok = Tokenizer.load(tokenizer_dir)
+    else:
+        tok = build_tokenizer(tokenizer.kind, [render_chat(m) for m in train_convs], tokenizer.vocab_size)
+        if tokenizer_dir is not None:
+            tok.save(tokenizer_dir)
+    docs, targets, counts, truncated = encode_conversations(tok, train_convs, settings.max_tokens)
+    needed = settings.batch_size * settings.seq_len
+    if docs.num_tokens < needed:
+        raise DataError(f"the chat training split holds {docs.num_tokens} tokens, fewer than one batch needs "
+                        f"(data.batch_size {settings.batch_size} x seq_len {settings.seq_len} = {needed})")
+    if int(targets.tokens.sum()) == 0:
+        raise DataError(f"{where}: no assistant tokens in the training conversations (the loss is on assistant "
+                        "turns only)")
+    val_batches: list[dict[str, Any]] = []
+    val_counts, val_truncated = {}, 0
+    if val_convs:
+        vdocs, vtargets, val_counts, val_truncated = encode_conversations(tok, val_convs, settings.max_tokens)
+        val_stream = MaskedTBPTTStream(vdocs, vtargets, batch_size=settings.batch_size, pad_id=tok.pad_id,
+                                       seed=seed)
+        val_batches = val_stream.validation_batches(settings.seq_len, settings.val_batches)
+        if not any(bool((b["labels"] != IGNORE_INDEX).any()) for b in val_batches):
+            warnings.warn(f"{where}: the {len(val_batches)} held-out batches of data.seq_len={settings.seq_len} reach "
+                          "no assistant token (they read only the conversations' openings), so no val/loss will be "
+                          "logged: raise data.val_batches or data.seq_len", UserWarning, stacklevel=2)
+    else:
+        warnings.warn("no held-out conversations (data.val_fraction=0?): no val/loss will be logged",
+                      UserWarning, stacklevel=2)
+    stats = {"conversations": {"train": len(train_convs), "val": len(val_convs)},
+             "tokens_by_role": {"train": counts, "val": val_counts},
+             "truncated": {"train": truncated, "val": val_truncated, "max_tokens": settings.max_tokens}}
+    log.info(f"chat data {where}: {len(train_convs)} train / {len(val_convs)} held-out conversations; "
+             f"train tokens by role {counts}; truncated to data.max_tokens={settings.max_tokens}: "
+             f"{truncated} train, {val_truncated} held-out")
+    return PreparedData(
+        tokenizer=tok,
+        vocab_size=tok.vocab_size,
+        make_train_stream=ChatLanes(docs, targets, settings.batch_size, tok.pad_id, seed),
+        val_batches=val_batches,
+        token_bytes=torch.tensor(tok.token_byte_lengths(), dtype=torch.float32),
+        val_texts=val_texts,
+        description=f"{len(train_convs)} conversations, {docs.num_tokens / 1e6:.3f}M tokens "
+                    f"({int(targets.tokens.sum())} assistant targets)",
+        pad_id=tok.pad_id,
+        stats=stats,
+    )

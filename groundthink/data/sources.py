@@ -420,4 +420,5 @@ class StackedStream:
 
 
 from groundthink.data import chat as _chat  # noqa: E402,F401  (registers data=chat)
+from groundthink.data import persona as _persona  # noqa: E402,F401  (registers data=persona)
 from groundthink.data import recall as _recall  # noqa: E402,F401  (registers data=mqar and data=passkey)

@@ -1,7 +1,8 @@
 """`persona`: does the model keep a persona stated at the start of a conversation? Curve over distance.
 
 The probe set is generated from `seed` (deterministic): each persona has a name, a role and three facts (a
-favourite colour, a home city, a pet), stated in one turn with the control tokens:
+favourite colour, a home city, a pet), stated in one turn with the control tokens (the templates are in
+groundthink/data/persona.py, whose `data=persona` source trains this skill):
 
     <|persona|>Your name is Mira. You are a beekeeper. Your favourite colour is green. You live in Oslo. Your pet
     is a goat.<|end|>
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from groundthink.data.persona import FILLER_TURNS, PROBES, STATEMENT, VALUES
 from groundthink.evaluation.tasks.base import (
     EvalError,
     EvalTask,
@@ -40,38 +42,6 @@ from groundthink.evaluation.tasks.base import (
     score_candidates,
     write_csv,
 )
-
-VALUES = {
-    "name": ["Mira", "Tomas", "Ingrid", "Kofi", "Lena", "Arjun", "Sofia", "Emil", "Yara", "Nils", "Priya", "Oskar"],
-    "role": ["beekeeper", "librarian", "train driver", "glassblower", "astronomer", "baker", "lighthouse keeper",
-             "ship's navigator"],
-    "colour": ["green", "orange", "purple", "silver", "yellow", "blue", "red", "brown"],
-    "city": ["Oslo", "Lima", "Kyoto", "Cairo", "Dublin", "Quito", "Perth", "Riga"],
-    "pet": ["cat", "parrot", "tortoise", "goat", "ferret", "dog", "rabbit", "hamster"],
-}
-STATEMENT = ("Your name is {name}. You are a {role}. Your favourite colour is {colour}. You live in {city}. "
-             "Your pet is a {pet}.")
-PROBES = {  # attribute: (question, answer prefix, continuation format)
-    "name": ("What is your name?", "My name is", " {}."),
-    "role": ("What is your job?", "I am a", " {}."),
-    "colour": ("What is your favourite colour?", "My favourite colour is", " {}."),
-    "city": ("Where do you live?", "I live in", " {}."),
-    "pet": ("What pet do you have?", "My pet is a", " {}."),
-}
-FILLER_TURNS = [
-    ("Can you tell me about the weather today?", "It looks like rain later, so an umbrella would help."),
-    ("What should I cook for dinner?", "A simple soup with bread is warm and quick to make."),
-    ("How do I keep a plant alive?", "Give it light, water it when the soil is dry, and do not drown it."),
-    ("Any tips for sleeping better?", "Go to bed at the same time each night and keep the room dark."),
-    ("What is a good way to learn a language?", "Practise a little every day and speak it with other people."),
-    ("How far is the moon?", "About three hundred and eighty thousand kilometres from the earth."),
-    ("Why is the sea salty?", "Rivers carry salts from rocks into the sea, and the water evaporates."),
-    ("Can you recommend a book?", "A collection of short stories is easy to read in small pieces."),
-    ("How do I fix a squeaky door?", "A drop of oil on the hinges usually stops the noise."),
-    ("What makes a good walk?", "A quiet path, comfortable shoes and no hurry at all."),
-    ("How do bees make honey?", "They gather nectar, store it in the comb and fan it until it thickens."),
-    ("Is tea better than coffee?", "Both are fine; tea has less caffeine and coffee is stronger."),
-]
 
 
 @dataclass
