@@ -120,7 +120,6 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
     from groundthink.training.provenance import collect_provenance
     from groundthink.training.run import RunFolder
     from groundthink.training.schedules import Curriculum
-    from groundthink.training.wandb_setup import wandb_mode
 
     trainer_s, optim_s, logger_s = s["trainer"], s["optim"], s["logger"]
     folder = RunFolder(job.run_dir, resume=bool(cfg.resume))
@@ -152,14 +151,9 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
     module = LMTrainingModule(model, optim=optim_s, max_steps=trainer_s.max_steps,
                               token_bytes=data.token_bytes, faults=s["faults"], run_meta=run_meta,
                               val_accuracy=data.accuracy)
-    mode = wandb_mode(logger_s.wandb.mode) if logger_s.wandb.enabled else "disabled"
-    wandb_record = None if mode == "disabled" else {
-        "mode": mode, "project": logger_s.wandb.project, "group": job.group, "job_type": logger_s.wandb.job_type,
-        "tags": list(cfg.tags) + job.overrides}
-    loggers = assembly.build_loggers(folder.path, logger_s, resume_step=folder.resume_step, wandb_mode=mode,
-                                     name=f"{cfg.name}-{folder.run_id}", group=job.group,
-                                     tags=wandb_record["tags"] if wandb_record else [], config=config,
-                                     wandb_run_id=folder.wandb_run_id)
+    loggers, wandb_record = assembly.build_loggers(folder, logger_s, name=f"{cfg.name}-{folder.run_id}",
+                                                   group=job.group, tags=list(cfg.tags) + job.overrides,
+                                                   config=config)
     callbacks = assembly.build_callbacks(
         s["callbacks"], trainer_s, s["faults"], checkpoint_dir=folder.checkpoints, val_batches=data.val_batches,
         diagnostics=build_diagnostics(s["diagnostics"], model), flops_params=count_flops_params(model))

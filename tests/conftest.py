@@ -97,6 +97,14 @@ def run_train(root: Path, *args: str, expect_rc: int | None = 0, fast: bool = Tr
     return run_cli(root, "groundthink.train", *flags, *(FAST if fast else []), *overrides, expect_rc=expect_rc)
 
 
+def read_column(run_dir: Path, column: str = "train/loss") -> dict[int, float]:
+    """{step: value} of one column of a run's metrics.csv (rows where it is empty left out)."""
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        return {int(r["step"]): float(r[column]) for r in csv.DictReader(f) if r.get(column)}
+
+
 def run_dirs(root: Path, name: str = "default") -> list[Path]:
     folder = root / "outputs" / name
     return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []

@@ -4,7 +4,6 @@ as a plain LM) and an exact resume after SIGTERM."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from tests._trained_run import trained_tiny_run
-from tests.conftest import run_dirs, run_train
+from tests.conftest import read_column, run_dirs, run_train
 
 
 def _char_task(name: str, seed: int = 3, **options):
@@ -164,11 +163,6 @@ RL = ["stage=rl", "model=tiny", "logger=csv", "name=rl", "callbacks.progress_bar
       "rl.patience=2", "rl.min_delta=1.0"]
 
 
-def _column(run: Path, column: str) -> dict[int, float]:
-    with open(run / "metrics.csv") as f:
-        return {int(r["step"]): float(r[column]) for r in csv.DictReader(f) if r.get(column)}
-
-
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory) -> Path:
     return trained_tiny_run(tmp_path_factory)
@@ -193,11 +187,11 @@ def test_rl_from_the_tiny_run_logs_stops_early_and_loads_as_a_plain_lm(parent, r
     assert summary["status"] == "completed" and summary["step"] == 3  # early stop, not max steps (8)
     assert summary["final"]["rl/early_stop_step"] == 3.0
     assert summary["parent"]["run_dir"] == str(parent.resolve())
-    assert sorted(_column(run, "val/reward")) == [0, 1, 2, 3]  # the starting policy, then every 4 episodes
-    assert sorted(_column(run, "train/reward")) == [1, 2, 3]
+    assert sorted(read_column(run, "val/reward")) == [0, 1, 2, 3]  # the starting policy, then every 4 episodes
+    assert sorted(read_column(run, "train/reward")) == [1, 2, 3]
     for col in ("train/loss", "train/pg_loss", "train/value_loss", "train/entropy", "train/entropy_coef"):
-        assert len(_column(run, col)) == 3, col
-    assert _column(run, "train/entropy_coef")[3] == pytest.approx(0.01 * 0.995 ** 2)
+        assert len(read_column(run, col)) == 3, col
+    assert read_column(run, "train/entropy_coef")[3] == pytest.approx(0.01 * 0.995 ** 2)
     ckpts = run / "checkpoints"
     assert (ckpts / "best.safetensors").exists() and json.loads((ckpts / "best.json").read_text())["step"] == 1
     assert json.loads((ckpts / "last.json").read_text())["step"] == 3
@@ -221,7 +215,7 @@ def test_rl_resume_after_sigterm_is_exact(rl_run, tmp_path):
     run_train(tmp_path, *args, f"resume={part}")
     assert json.loads((part / "summary.json").read_text())["step"] == 3  # the early stop survives the resume
     for column in ("train/reward", "train/loss", "train/value_loss", "val/reward"):
-        a, b = _column(full, column), _column(part, column)
+        a, b = read_column(full, column), read_column(part, column)
         assert sorted(a) == sorted(b), column
         diff = max(abs(a[s] - b[s]) for s in a)
         print(f"RL resume after SIGTERM: {column} max |diff| {diff:.3g}")

@@ -5,7 +5,6 @@ bad input)."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from groundthink.quant import (
 )
 from groundthink.quant.stage import check_settings, full_precision
 from tests._trained_run import trained_tiny_run
-from tests.conftest import run_cli, run_dirs, run_train, tiny_config
+from tests.conftest import read_column, run_cli, run_dirs, run_train, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -210,11 +209,6 @@ STE = ["stage=ste", "name=ste", "callbacks.progress_bar=false", "trainer.log_eve
        "optim.warmup_steps=2"]
 
 
-def _column(run: Path, column: str) -> dict[int, float]:
-    with open(run / "metrics.csv") as f:
-        return {int(r["step"]): float(r[column]) for r in csv.DictReader(f) if r.get(column)}
-
-
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory) -> Path:
     return trained_tiny_run(tmp_path_factory)
@@ -238,7 +232,7 @@ def test_ste_cli_logs_fp_ptq_and_ste_losses_exports_and_loads_exactly(parent, st
     final = summary["final"]
     assert summary["status"] == "completed" and summary["parent"]["run_id"] == parent.name.rsplit("_", 1)[1]
     fp, ptq, ste = final["ste/fp_val_loss"], final["ste/ptq_val_loss"], final["val/loss"]
-    assert _column(run, "ste/ptq_val_loss") == {0: ptq} and ptq != fp
+    assert read_column(run, "ste/ptq_val_loss") == {0: ptq} and ptq != fp
     parent_val = json.loads((parent / "summary.json").read_text())["final"]["val/loss"]
     assert fp == pytest.approx(parent_val, abs=1e-5)  # the parent, in full precision, on the same held-out batches
     assert ste < ptq
@@ -272,10 +266,10 @@ def test_ste_resume_after_sigterm_is_exact(ste_run, tmp_path):
     (part,) = run_dirs(tmp_path, "ste")
     assert json.loads((part / "summary.json").read_text())["status"] == "interrupted"
     run_train(tmp_path, *args, f"resume={part}")
-    a, b = _column(full, "train/loss"), _column(part, "train/loss")
+    a, b = read_column(full, "train/loss"), read_column(part, "train/loss")
     assert sorted(b) == list(range(1, 9)) and a == b  # identical losses
-    assert _column(part, "val/loss")[8] == _column(full, "val/loss")[8]  # (no validation on the interrupted step)
-    assert _column(part, "ste/ptq_val_loss") == _column(full, "ste/ptq_val_loss")  # once, at step 0
+    assert read_column(part, "val/loss")[8] == read_column(full, "val/loss")[8]  # not validated when interrupted
+    assert read_column(part, "ste/ptq_val_loss") == read_column(full, "ste/ptq_val_loss")  # once, at step 0
 
 
 @pytest.mark.slow

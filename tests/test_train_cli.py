@@ -16,14 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_env, run_cli, run_dirs, run_train
+from tests.conftest import cli_env, read_column, run_cli, run_dirs, run_train
 
 pytestmark = pytest.mark.slow
-
-
-def read_column(run_dir: Path, column: str = "train/loss") -> dict[int, float]:
-    with open(run_dir / "metrics.csv") as f:
-        return {int(r["step"]): float(r[column]) for r in csv.DictReader(f) if r.get(column)}
 
 
 def test_default_run_writes_every_artifact_with_1_based_steps(tmp_path):

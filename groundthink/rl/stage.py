@@ -66,7 +66,6 @@ def prepare(cfg: DictConfig, job: Any, s: dict[str, Any]) -> SimpleNamespace:
     from groundthink.training.console import quiet_lightning
     from groundthink.training.provenance import collect_provenance
     from groundthink.training.run import RunFolder
-    from groundthink.training.wandb_setup import wandb_mode
 
     quiet_lightning()
     trainer_s = dataclasses.replace(s["trainer"], max_steps=rl.max_steps, val_every_n_steps=0)
@@ -94,14 +93,9 @@ def prepare(cfg: DictConfig, job: Any, s: dict[str, Any]) -> SimpleNamespace:
     module = RLModule(model, tokenizer, task, rl=rl, optim=s["optim"], max_steps=rl.max_steps, seed=int(cfg.seed),
                       faults=s["faults"], run_meta=run_meta)
     logger_s, callbacks_s = s["logger"], s["callbacks"]
-    mode = wandb_mode(logger_s.wandb.mode) if logger_s.wandb.enabled else "disabled"
-    wandb_record = None if mode == "disabled" else {
-        "mode": mode, "project": logger_s.wandb.project, "group": job.group, "job_type": logger_s.wandb.job_type,
-        "tags": list(cfg.tags) + job.overrides}
-    loggers = assembly.build_loggers(folder.path, logger_s, resume_step=folder.resume_step, wandb_mode=mode,
-                                     name=f"{cfg.name}-{folder.run_id}", group=job.group,
-                                     tags=wandb_record["tags"] if wandb_record else [], config=config,
-                                     wandb_run_id=folder.wandb_run_id)
+    loggers, wandb_record = assembly.build_loggers(folder, logger_s, name=f"{cfg.name}-{folder.run_id}",
+                                                   group=job.group, tags=list(cfg.tags) + job.overrides,
+                                                   config=config)
     throughput = EpisodeThroughput(callbacks_s.throughput.every_n_steps, count_flops_params(model),
                                    callbacks_s.throughput.peak_flops, trainer_s.precision)
     checkpointing = Checkpointing(folder.checkpoints, callbacks_s.checkpoint.every_n_steps, callbacks_s.checkpoint.keep,

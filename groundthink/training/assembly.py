@@ -16,19 +16,24 @@ from groundthink.training.settings import (
 )
 
 
-def build_loggers(run_dir: Path, logger: LoggerSettings, *, resume_step: int | None, wandb_mode: str, name: str,
-                  group: str, tags: list[str], config: dict[str, Any], wandb_run_id: str) -> list[Any]:
-    """metrics.csv always; W&B unless its mode is "disabled"."""
+def build_loggers(folder: Any, logger: LoggerSettings, *, name: str, group: str, tags: list[str],
+                  config: dict[str, Any]) -> tuple[list[Any], dict[str, Any] | None]:
+    """(loggers, W&B record): metrics.csv always; W&B unless its mode resolves to "disabled". `folder` is the
+    RunFolder (path, resume_step, wandb_run_id); the record (mode, project, group, job_type, tags) goes to
+    summary.json, None without W&B."""
     from groundthink.training.metrics_logger import CSVMetricsLogger
-    from groundthink.training.wandb_setup import make_wandb_logger
+    from groundthink.training.wandb_setup import make_wandb_logger, wandb_mode
 
-    loggers: list[Any] = [CSVMetricsLogger(run_dir, resume_step=resume_step)]
-    if wandb_mode != "disabled":
-        loggers.append(make_wandb_logger(
-            run_dir, project=logger.wandb.project, entity=logger.wandb.entity, name=name, group=group, tags=tags,
-            job_type=logger.wandb.job_type, config=config, run_id=wandb_run_id, mode=wandb_mode,
-        ))
-    return loggers
+    mode = wandb_mode(logger.wandb.mode) if logger.wandb.enabled else "disabled"
+    loggers: list[Any] = [CSVMetricsLogger(folder.path, resume_step=folder.resume_step)]
+    if mode == "disabled":
+        return loggers, None
+    loggers.append(make_wandb_logger(
+        folder.path, project=logger.wandb.project, entity=logger.wandb.entity, name=name, group=group, tags=tags,
+        job_type=logger.wandb.job_type, config=config, run_id=folder.wandb_run_id, mode=mode,
+    ))
+    return loggers, {"mode": mode, "project": logger.wandb.project, "group": group, "job_type": logger.wandb.job_type,
+                     "tags": tags}
 
 
 def build_callbacks(callbacks: CallbackSettings, trainer: TrainerSettings, faults: FaultSettings, *,
