@@ -92,3 +92,34 @@ def test_persona_run_trains_through_the_cli_and_the_persona_task_scores_it(tmp_p
     result = json.loads((run / "eval" / "persona" / "result.json").read_text())
     metrics = {k.rsplit("/", 1)[1]: v for k, v in result["metrics"].items()}
     assert {"acc_d0", "acc_d32", "acc_mean"} <= set(metrics) and metrics["chance"] == 0.25
+
+
+def test_the_persona_probe_at_a_distance_does_not_depend_on_the_other_distances(tmp_path):
+    """Each persona's filler comes from its own seeded stream, so asking for a longer distance as well leaves the
+    conversation (and score) at the shorter ones unchanged."""
+    import csv
+    from types import SimpleNamespace
+
+    import torch
+
+    from groundthink.data.tokenizer import build_tokenizer
+    from groundthink.evaluation.tasks.persona import PersonaSettings, PersonaTask
+    from groundthink.models import HybridLM
+    from groundthink.models.presets import preset
+
+    torch.manual_seed(0)
+    tok = build_tokenizer("char")
+    loaded = SimpleNamespace(tokenizer=tok, model=HybridLM(preset("tiny").replace(vocab_size=tok.vocab_size)).eval())
+    bar = SimpleNamespace(update=lambda n=1: None, close=lambda: None)
+    rows = {}
+    for name, distances in (("short", [0, 40]), ("long", [0, 40, 150])):
+        settings = PersonaSettings(distances=distances, personas=2)
+        PersonaTask().check(loaded, settings)
+        out = tmp_path / name
+        out.mkdir()
+        with torch.no_grad():
+            PersonaTask().run(loaded, settings, out, lambda total, desc: bar)
+        rows[name] = {r["distance"]: r for r in csv.DictReader(open(out / "persona.csv"))}
+    for d in ("0", "40"):
+        assert rows["short"][d] == rows["long"][d]
+    assert float(rows["long"]["150"]["mean_tokens_since_persona"]) >= 150

@@ -86,7 +86,6 @@ class PersonaTask(EvalTask):
 
         tok, model = loaded.tokenizer, loaded.model
         distances = sorted(set(int(d) for d in s.distances))
-        rng = random.Random(s.seed + 1)
         correct = {d: 0 for d in distances}
         total = {d: 0 for d in distances}
         actual: dict[int, list[int]] = {d: [] for d in distances}
@@ -103,7 +102,8 @@ class PersonaTask(EvalTask):
             return priors[key]
 
         bar = progress(len(probe_set(s)) * len(distances), "persona")
-        for persona in probe_set(s):
+        for index, persona in enumerate(probe_set(s)):
+            rng = random.Random(f"{s.seed}-filler-{index}")  # a persona's filler does not depend on the distances
             text = f"{ROLE_TOKENS[s.role]}{STATEMENT.format(**persona)}{END_OF_TURN_TOKEN}\n"
             _, state = feed(model, tok.encode(text), model.init_state(1, model_device(model)))
             fed = 0
