@@ -96,6 +96,12 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
         except ValueError as exc:
             raise UserError(str(exc)) from None
 
+    from groundthink.training.callbacks import check_early_stop
+
+    try:  # a mistyped early-stop rule fails now, not silently at the first validation
+        check_early_stop(s["callbacks"].early_stop, s["trainer"].val_every_n_steps)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if cfg.get("stage") == "ste":  # a bad layer selection or scale fails now, before any data or model
         from groundthink.quant.stage import check_settings
 
@@ -131,6 +137,10 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
     parent = init_from and lineage.load_parent(init_from, s["tokenizer"], folder.tokenizer_dir, resume=folder.resume)
     data = prepare_data(s["data"], s["tokenizer"], seed=int(cfg.seed), tokenizer_dir=folder.tokenizer_dir,
                         reuse_tokenizer=folder.resume or bool(parent))
+    try:
+        check_early_stop(s["callbacks"].early_stop, trainer_s.val_every_n_steps, has_val_batches=bool(data.val_batches))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     model = HybridLM(s["model"].replace(vocab_size=data.vocab_size))
     lineage_fields = {"parent": lineage.init_weights(model, parent, init_from)} if parent else {}
     ste = s["ste"] if cfg.get("stage") == "ste" else None

@@ -147,6 +147,8 @@ def test_bad_input_fails_before_training_naming_it_and_leaves_no_run_folder(tmp_
         "missing": (["data=file", f"data.path={tmp_path / 'nope.txt'}"], ["nope.txt"]),
         "tiny corpus": (["data=file", f"data.path={tmp_path / 't.txt'}"], ["tokens, fewer than one batch needs"]),
         "resume": ([f"resume={tmp_path / 'no' / 'such' / 'run'}"], ["does not exist", "nothing was created"]),
+        "early stop": (["callbacks.early_stop.metric=acc"], ["early_stop.metric='acc' is not a validation metric"]),
+        "persona": (["data=persona", "data.role=narrator"], ["data.role=narrator: persona or system"]),
     }
     (tmp_path / "t.txt").write_text("hello world\n")
     for name, (overrides, words) in cases.items():

@@ -24,6 +24,7 @@ import torch
 
 from groundthink.training.checkpoint import link_checkpoint, rotate_checkpoints
 from groundthink.training.metrics_file import higher_is_better
+from groundthink.training.settings import EarlyStopSettings
 
 # Dense peak FLOP/s used for MFU when callbacks.throughput.peak_flops is null.
 # CPU: measured 1024^3 matmul on this project's 2-core build machines (reference/environment.md).
@@ -103,6 +104,17 @@ class StepMetrics(L.Callback):
             log_metrics(trainer, pl_module.step_metrics, step)
 
 
+def check_early_stop(rule: EarlyStopSettings, val_every_n_steps: int, *, has_val_batches: bool = True) -> None:
+    """ValueError unless the rule can work: its metric is a validation metric, and a target has
+    validation to watch (train.py checks it before any data is read, and again once the held-out batches exist)."""
+    if not str(rule.metric).startswith("val/"):
+        raise ValueError(f"callbacks.early_stop.metric={rule.metric!r} is not a validation metric: early stopping "
+                         "watches what validation logs, e.g. val/acc or val/loss")
+    if rule.target is not None and (val_every_n_steps <= 0 or not has_val_batches):
+        raise ValueError(f"callbacks.early_stop.target={rule.target} needs validation: set "
+                         "trainer.val_every_n_steps > 0 and a data source with held-out batches")
+
+
 class Validation(L.Callback):
     """Held-out loss (`LMTrainingModule.validate`) every N steps and after the last step, so the final val/loss
     is never stale; every_n_steps 0 turns it off. Not run on a step that an interrupt ends. With an early-stop
@@ -115,12 +127,8 @@ class Validation(L.Callback):
         self.max_steps = max_steps
         self.batches = batches
         self.early_stop = early_stop
-        if early_stop is not None and not str(early_stop.metric).startswith("val/"):
-            raise ValueError(f"callbacks.early_stop.metric={early_stop.metric!r} is not a validation metric: "
-                             "early stopping watches what validation logs, e.g. val/acc or val/loss")
-        if early_stop is not None and early_stop.target is not None and (every_n_steps <= 0 or not batches):
-            raise ValueError(f"callbacks.early_stop.target={early_stop.target} needs validation: set "
-                             "trainer.val_every_n_steps > 0 and a data source with held-out batches")
+        if early_stop is not None:
+            check_early_stop(early_stop, every_n_steps, has_val_batches=bool(batches))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = completed_step(pl_module)
