@@ -198,28 +198,30 @@ class ChatSource(DataSource):
     name = "chat"
     Settings = ChatDataSettings
 
+    def conversations(self, settings: ChatDataSettings) -> list[list[dict[str, Any]]]:
+        """Every conversation's messages, in order (a subclass with other conversations overrides this)."""
+        return read_conversations(settings.path, settings.max_documents)
+
+    def where(self, settings: ChatDataSettings) -> str:
+        """The data as messages name it."""
+        return f"data.path={settings.path}"
+
     def documents(self, settings: ChatDataSettings) -> list[str]:
         """The conversations rendered as text (what groundthink-eval's lm task reads; split like `prepare`)."""
         from groundthink.data.corpus import render_chat
 
-        return [render_chat(m) for m in read_conversations(settings.path, settings.max_documents)]
+        return [render_chat(m) for m in self.conversations(settings)]
 
     def prepare(self, settings: ChatDataSettings, tokenizer: TokenizerSettings, *, seed: int,
                 tokenizer_dir: Path | None = None, reuse_tokenizer: bool = False) -> PreparedData:
-        check_conversation_settings(settings)
-        conversations = read_conversations(settings.path, settings.max_documents)
-        train_convs, val_convs = split_conversations(conversations, settings.val_fraction, seed)
+        for name in ("batch_size", "seq_len", "val_batches", "max_tokens"):
+            _check_positive(f"data.{name}", getattr(settings, name))
+        if not 0.0 <= float(settings.val_fraction) < 1.0:
+            raise DataError(f"data.val_fraction={settings.val_fraction} must be in [0, 1)")
+        train_convs, val_convs = split_conversations(self.conversations(settings), settings.val_fraction, seed)
         return prepare_conversations(train_convs, val_convs, settings, tokenizer, seed=seed,
-                                     where=f"data.path={settings.path}", tokenizer_dir=tokenizer_dir,
+                                     where=self.where(settings), tokenizer_dir=tokenizer_dir,
                                      reuse_tokenizer=reuse_tokenizer)
-
-
-def check_conversation_settings(settings: Any) -> None:
-    """batch_size, seq_len, val_batches, max_tokens positive; val_fraction in [0, 1)."""
-    for name in ("batch_size", "seq_len", "val_batches", "max_tokens"):
-        _check_positive(f"data.{name}", getattr(settings, name))
-    if not 0.0 <= float(settings.val_fraction) < 1.0:
-        raise DataError(f"data.val_fraction={settings.val_fraction} must be in [0, 1)")
 
 
 def prepare_conversations(train_convs: list, val_convs: list, settings: Any, tokenizer: TokenizerSettings, *,

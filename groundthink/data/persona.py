@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
+from groundthink.data.chat import ChatSource
 from groundthink.data.errors import DataError
-from groundthink.data.sources import DataSettings, DataSource, PreparedData, TokenizerSettings, register_source
+from groundthink.data.sources import DataSettings, PreparedData, TokenizerSettings, register_source
 
 VALUES = {
     "name": ["Mira", "Tomas", "Ingrid", "Kofi", "Lena", "Arjun", "Sofia", "Emil", "Yara", "Nils", "Priya", "Oskar"],
@@ -95,36 +95,26 @@ def persona_conversations(settings: PersonaDataSettings) -> list[list[dict[str, 
 
 
 @register_source
-class PersonaSource(DataSource):
-    """Synthetic persona conversations (PersonaDataSettings; the module docstring)."""
+class PersonaSource(ChatSource):
+    """Synthetic persona conversations (PersonaDataSettings; the module docstring): data=chat's preparation over
+    generated conversations instead of a file."""
 
     name = "persona"
     Settings = PersonaDataSettings
 
-    def _check(self, settings: PersonaDataSettings) -> None:
+    def conversations(self, settings: PersonaDataSettings) -> list[list[dict[str, str]]]:
         if settings.role not in ("persona", "system"):
             raise DataError(f"data.role={settings.role}: persona or system (the control token of the persona turn)")
         if int(settings.max_filler_turns) < 0:
             raise DataError(f"data.max_filler_turns={settings.max_filler_turns} must be >= 0")
         if int(settings.conversations) < 2:
             raise DataError(f"data.conversations={settings.conversations}: at least 2 (training and held-out)")
+        return persona_conversations(settings)
 
-    def documents(self, settings: PersonaDataSettings) -> list[str]:
-        """The conversations rendered as text (what groundthink-eval's lm task reads; split like `prepare`)."""
-        from groundthink.data.corpus import render_chat
+    def where(self, settings: PersonaDataSettings) -> str:
+        return "data=persona"
 
-        self._check(settings)
-        return [render_chat(m) for m in persona_conversations(settings)]
-
-    def prepare(self, settings: PersonaDataSettings, tokenizer: TokenizerSettings, *, seed: int,
-                tokenizer_dir: Path | None = None, reuse_tokenizer: bool = False) -> PreparedData:
-        from groundthink.data.chat import check_conversation_settings, prepare_conversations, split_conversations
-
-        self._check(settings)
-        check_conversation_settings(settings)
-        train, val = split_conversations(persona_conversations(settings), settings.val_fraction, seed)
-        prepared = prepare_conversations(train, val, settings, tokenizer, seed=seed, where="data=persona",
-                                         tokenizer_dir=tokenizer_dir, reuse_tokenizer=reuse_tokenizer)
+    def prepare(self, settings: PersonaDataSettings, tokenizer: TokenizerSettings, **kwargs) -> PreparedData:
+        prepared = super().prepare(settings, tokenizer, **kwargs)
         prepared.description = f"persona conversations: {prepared.description}"
         return prepared
-
