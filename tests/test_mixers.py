@@ -225,3 +225,26 @@ def test_rope_attention_depends_on_relative_positions_only():
     y1000, _ = rope(x, position=1000)  # the same tokens later in the stream: the same distances, the same output
     assert rel_err(y1000, y0) <= 1e-5
     assert rel_err(nope(x)[0], y0) > 1e-3  # the rotation changes the scores
+
+
+def test_mamba2_folded_output_gain_matches_the_module_and_keeps_a_replaced_projection():
+    """Mamba2 folds the gated RMSNorm's gain into out_proj's weight when out_proj is a plain nn.Linear; a replaced
+    projection (ternary STE) must still run its own forward, on y ⊙ gain."""
+    from groundthink.quant.ternary import TernaryLinear
+
+    torch.manual_seed(0)
+    mixer = MIXERS["mamba2"].from_config(tiny_config(pattern="M"), layer_id=0)
+    with torch.no_grad():
+        for param in mixer.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    x = torch.randn(2, 9, 32)
+    folded, _ = mixer(x)
+    mixer.out_proj = TernaryLinear(mixer.out_proj, activation_bits=8)
+    mixer.out_proj.quantise = False  # the latent weight: the same map as the folded plain Linear
+    unfolded, _ = mixer(x)
+    assert rel_err(unfolded, folded) <= 1e-6
+    mixer.out_proj.quantise = True
+    calls = []
+    mixer.out_proj.register_forward_hook(lambda module, args, out: calls.append(args[0]))
+    quantised, _ = mixer(x)
+    assert len(calls) == 1 and rel_err(quantised, folded) > 1e-3  # the ternary forward ran, on its own weight

@@ -256,8 +256,13 @@ class Mamba2(SequenceMixer):
             groups=self.state_norm_groups,
             enabled=self.state_norm,
         )
-        y = y + self.D.to(y.dtype)[:, None] * xs  # [B,T,H,P]
+        y = torch.addcmul(y, xs, self.D.to(y.dtype)[:, None])  # the D skip, [B,T,H,P]
         y = y.reshape(Bsz, T, self.d_inner) * F.silu(z)
         y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + NORM_EPS).to(y.dtype)
-        out = self.out_proj(y * self.norm_weight)
+        if type(self.out_proj) is nn.Linear:
+            # The gated RMSNorm's gain folded into out_proj's columns: W·(y ⊙ g) = (W diag(g))·y, a [D, d_inner]
+            # product instead of a pass over [B,T,d_inner] (and its backward).
+            out = F.linear(y, self.out_proj.weight * self.norm_weight.to(self.out_proj.weight.dtype))
+        else:  # a replaced projection (ternary STE, packed) computes from its own weight: keep its forward
+            out = self.out_proj(y * self.norm_weight)
         return out, {"ssm": ssm_state, "conv": conv_state.float()}  # fp32 so the state dtype never changes

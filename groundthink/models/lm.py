@@ -104,7 +104,10 @@ class HybridLM(nn.Module):
             x, new = block(x, layer_state, position=state.position)
             layers.append(new)
         logits = self.head(self.norm_f(x))
-        return logits, LMState(layers, state.position + T)
+        # Each state tensor in its own memory: a token-shift state is a view of the last row of a [B,T,D] activation,
+        # which would keep the whole activation alive while the state is carried, and would hand a compiled block
+        # (trainer.compile) a new stride to recompile for.
+        return logits, LMState(layers, state.position + T).map(torch.Tensor.contiguous)
 
     @torch.no_grad()
     def generate(

@@ -90,23 +90,25 @@ def ssd_chunked(x, dt, A, B, C, initial_state=None, chunk_size=None):
     if pad:  # dt = 0 in the padding: no decay and no input, so the final state is exact
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
-    a = (dt * A).view(b, nc, Q, H).transpose(-1, -2)  # [b,nc,H,Q] log decay per step, <= 0
-    X = (x * dt[..., None]).view(b, nc, Q, G, R, P).permute(0, 1, 3, 4, 2, 5)  # [b,nc,G,R,Q,P]
+    a = (dt * A).view(b, nc, Q, G, R)  # log decay per step, <= 0
+    a_cs = a.cumsum(2)  # [b,nc,Q,G,R] cumulative within each chunk
+    X = (x * dt[..., None]).view(b, nc, Q, G, R, P)
     Bc = B.view(b, nc, Q, G, N).transpose(2, 3)  # [b,nc,G,Q,N]
     Cc = C.view(b, nc, Q, G, N).transpose(2, 3)
-    a_cs = a.cumsum(-1)  # [b,nc,H,Q]
 
-    # 1. Within chunks: y = (L ∘ C Bᵀ) X with L = exp(segsum(a)); C Bᵀ is shared by the R heads of a group.
-    L = torch.exp(segsum(a)).view(b, nc, G, R, Q, Q)
+    # 1. Within chunks: y = (L ∘ C Bᵀ) X per head with L = exp(segsum(a)); C Bᵀ is shared by the R heads of a group.
+    L = torch.exp(segsum(a.permute(0, 1, 3, 4, 2)))  # [b,nc,G,R,Q,Q]
     CB = (Cc @ Bc.transpose(-1, -2))[:, :, :, None]  # [b,nc,G,1,Q,Q]
-    y = (CB * L) @ X  # [b,nc,G,R,Q,P]
+    y_diag = (CB * L) @ X.permute(0, 1, 3, 4, 2, 5)  # [b,nc,G,R,Q,P]
 
-    # 2. Each chunk's contribution to the state at its end: Σ_s exp(a_cs_last - a_cs_s) X_s ⊗ B_s.
-    to_end = torch.exp(a_cs[..., -1:] - a_cs).view(b, nc, G, R, Q, 1)
-    contrib = (X * to_end).transpose(-1, -2) @ Bc[:, :, :, None]  # [b,nc,G,R,P,N]
+    # 2. Each chunk's contribution to the state at its end, Σ_s exp(a_cs_last - a_cs_s) X_s ⊗ B_s. B is shared by
+    # the group's heads, so the R heads' X stack along P: one [R·P, Q] @ [Q, N] product per group and chunk.
+    to_end = torch.exp(a_cs[:, :, -1:] - a_cs)[..., None]  # [b,nc,Q,G,R,1]
+    X_end = (X * to_end).permute(0, 1, 3, 2, 4, 5).reshape(b, nc, G, Q, R * P)
+    contrib = (X_end.transpose(-1, -2) @ Bc).view(b, nc, G, R, P, N)
 
     # 3. Pass states across chunks (sequential: linear in T; the loop body is elementwise).
-    chunk_decay = torch.exp(a_cs[..., -1]).view(b, nc, G, R, 1, 1)
+    chunk_decay = torch.exp(a_cs[:, :, -1]).view(b, nc, G, R, 1, 1)
     h = x.new_zeros(b, H, P, N) if initial_state is None else initial_state.to(dtype)
     h = h.view(b, G, R, P, N)
     starts = []
@@ -115,11 +117,12 @@ def ssd_chunked(x, dt, A, B, C, initial_state=None, chunk_size=None):
         h = decay_n * h + contrib_n
     h_start = torch.stack(starts, dim=1)  # [b,nc,G,R,P,N] state entering each chunk
 
-    # 4. The state entering the chunk, read by C and decayed to each position: exp(a_cs_t) C_t h.
-    from_start = torch.exp(a_cs).view(b, nc, G, R, Q, 1)
-    y = y + (Cc[:, :, :, None] @ h_start.transpose(-1, -2)) * from_start
+    # 4. The state entering the chunk, read by C and decayed to each position, exp(a_cs_t) C_t h: again one
+    # [Q, N] @ [N, R·P] product per group and chunk.
+    y_off = (Cc @ h_start.view(b, nc, G, R * P, N).transpose(-1, -2)).view(b, nc, G, Q, R, P)
+    y = y_off * torch.exp(a_cs).transpose(2, 3)[..., None] + y_diag.transpose(3, 4)  # [b,nc,G,Q,R,P]
 
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * Q, H, P)[:, :T]
+    y = y.transpose(2, 3).reshape(b, nc * Q, H, P)[:, :T]
     return y.to(out_dtype), h.reshape(b, H, P, N)
 
 

@@ -94,4 +94,4 @@ def compile_blocks(model: Any) -> None:
     """trainer.compile: torch.compile each block in place (regional compilation: one graph per block type, so the
     compile time does not grow with depth the way compiling the whole model does)."""
     for block in model.blocks:
-        block.compile()
+        block.compile(dynamic=False)
