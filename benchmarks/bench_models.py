@@ -33,12 +33,17 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
+def perturb_parameters(module: torch.nn.Module, scale: float = 0.02) -> None:
+    """Add N(0, scale²) noise to every parameter, so no zero-initialised projection short-cuts the work."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(scale * torch.randn_like(param))
+
+
 def mixer_tokens_per_s(name: str, impl: str, B: int, T: int, repeats: int) -> float:
     torch.manual_seed(0)
     mixer = MIXERS[name].from_config(ModelConfig.from_dict({**MIXER_CFG, "impl": impl}), layer_id=1, device="cpu")
-    with torch.no_grad():
-        for param in mixer.parameters():
-            param.add_(0.02 * torch.randn_like(param))
+    perturb_parameters(mixer)
     x = torch.randn(B, T, MIXER_CFG["d_model"], requires_grad=True)
 
     def step():
@@ -60,20 +65,39 @@ def _impl_matters(name: str) -> bool:
     return len(impls) > 1
 
 
-def train_step_tokens_per_s(preset: str, B: int, T: int, precision: str, repeats: int) -> tuple[float, int]:
-    torch.manual_seed(0)
-    model = HybridLM(preset_config(preset, vocab_size=264, impl="chunked"), device="cpu")
-    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3)
-    ids = torch.randint(0, 264, (B, T + 1))
+def make_train_step(logits_of, optimizer: torch.optim.Optimizer, ids: torch.Tensor, precision: str):
+    """One training step as a closure: logits_of(inputs) under bf16 autocast when precision is "bf16", fp32
+    cross-entropy against the next tokens, backward, optimizer step, zero_grad. ids [B, T+1]."""
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits, _ = model(ids[:, :-1])
+            logits = logits_of(ids[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def preset_model(preset: str, **changes) -> HybridLM:
+    """HybridLM of a preset with the benchmarks' vocab (264) and impl (chunked); `changes` as for preset()."""
+    torch.manual_seed(0)
+    return HybridLM(preset_config(preset, **{"vocab_size": 264, "impl": "chunked", **changes}), device="cpu")
+
+
+def hybrid_lm_train_step(model: HybridLM, B: int, T: int, precision: str):
+    """(step closure, ids) of a HybridLM training step: forward + cross-entropy + backward + AdamW step."""
+    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3)
+    ids = torch.randint(0, model.cfg.vocab_size, (B, T + 1))
+    return make_train_step(lambda inputs: model(inputs)[0], optimizer, ids, precision), ids
+
+
+def train_step_tokens_per_s(
+    preset: str, B: int, T: int, precision: str, repeats: int, **changes
+) -> tuple[float, int]:
+    model = preset_model(preset, **changes)
+    step, _ = hybrid_lm_train_step(model, B, T, precision)
     return B * T / best_time(step, repeats), model.num_params()
 
 

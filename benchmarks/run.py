@@ -1,4 +1,9 @@
-"""Run the benchmarks and print their tables: `python -m benchmarks.run [--quick]`."""
+"""Run the benchmarks and print their tables: `python -m benchmarks.run [--quick]`.
+
+In order: the ops (benchmarks.bench_ops), the mixers and the 8m training step (benchmarks.bench_models), then the
+training report (benchmarks.bench_train: GEMM peak, step tokens/s and fraction of peak per preset, the profiled
+matmul / recurrence / other split, Mamba-2 against transformers). The options after --quick are bench_train's.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,22 @@ import argparse
 from benchmarks import bench_ops
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller shapes, for a fast look")
-    args = parser.parse_args()
-    bench_ops.main(quick=args.quick)
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     try:
-        from benchmarks import bench_models
+        from benchmarks import bench_models, bench_train
     except ImportError:
-        return
+        parser.add_argument("--quick", action="store_true", help="smaller shapes, for a fast look")
+        args = parser.parse_args()
+        return {"ops": bench_ops.main(quick=args.quick)}
+    bench_train.add_arguments(parser)
+    args = parser.parse_args()
+    results = {"ops": bench_ops.main(quick=args.quick)}
     print()
-    bench_models.main()
+    results["models"] = bench_models.main(quick=args.quick)
+    print()
+    results["train"] = bench_train.main_from_args(args)
+    return results
 
 
 if __name__ == "__main__":
