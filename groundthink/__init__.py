@@ -5,8 +5,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+# When this process first imported groundthink: where the process's own start time cannot be read, a command's
+# clock starts here (groundthink.hydra_support.command_started).
+_IMPORTED_AT = time.time()
 __version__ = "0.1.0"
 __all__ = ["LoadError", "LoadedRun", "load"]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from groundthink.training.run import UserError
+from groundthink.training.errors import UserError
 from groundthink.training.rundir import (
     RunDirError,
     ensure_writable,
@@ -70,6 +70,36 @@ class Job:
     overrides: list[str]
     group: str  # the W&B group: the run's name, or <name>-<sweep folder> in a multirun
     started: float  # when this job began: the command for a single run, the job's launch in a multirun
+
+
+def process_started() -> float | None:
+    """When this process was started (on the time.time() clock, to ~10 ms): from /proc/self/stat on Linux, else
+    psutil's create_time if psutil is installed; None when neither can tell."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            after_name = f.read().rsplit(b")", 1)[1].split()  # the name field may hold spaces and parentheses
+        ticks = int(after_name[19])  # field 22, starttime: clock ticks from boot to the process's start
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        if age >= 0:
+            return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        return float(psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - best effort: the caller falls back to its own clock
+        return None
+
+
+def command_started() -> float:
+    """When this command started: the process's start, else when it first imported groundthink (before any heavy
+    import), so a single run's "command to first step" includes Python's start-up and every import."""
+    import groundthink
+
+    return process_started() or groundthink._IMPORTED_AT
 
 
 def current_job(name: str) -> Job:
@@ -160,8 +190,10 @@ def _check_creatable(path: Path) -> None:
 
 
 def run_entry(hydra_entry: Any, config_dir: str) -> None:
-    """Run a Hydra-decorated entry with GroundThink's command-line checks and unknown-key hints."""
-    os.environ.setdefault("GROUNDTHINK_T0", str(time.time()))
+    """Run a Hydra-decorated entry with GroundThink's command-line checks and unknown-key hints. A single run's clock
+    ("command to first step" in its summary) starts when the command did (command_started), unless GROUNDTHINK_T0
+    already holds a start."""
+    os.environ.setdefault("GROUNDTHINK_T0", str(command_started()))
     from groundthink.cli_checks import explain_override_errors
 
     try:

@@ -27,9 +27,9 @@ from groundthink.mixers import MIXERS
 from groundthink.models.config import ModelConfig
 from groundthink.models.presets import PRESETS, preset
 from groundthink.quant.stage import SteSettings
-from groundthink.training.diagnostics import DiagnosticsSettings
 from groundthink.training.settings import (
     CallbackSettings,
+    DiagnosticsSettings,
     FaultSettings,
     LoggerSettings,
     OptimSettings,

@@ -158,6 +158,35 @@ def test_embedded_corpus_needs_no_network(monkeypatch):
     assert load_documents("embedded", max_documents=5) == docs[:5]
 
 
+def test_embedded_docstrings_cache_is_exact_and_optional(tmp_path, monkeypatch):
+    """Issue 18: the stdlib docstrings of data=embedded (~1 s of parsing) come from a cache file once extracted;
+    cached or not, the documents are the same, and a bad cache file is only a reason to parse again."""
+    from groundthink.data import corpus
+
+    monkeypatch.setenv("GROUNDTHINK_CACHE_DIR", "")  # off: parsed every time, nothing written
+    fresh = load_documents("embedded")
+    monkeypatch.setenv("GROUNDTHINK_CACHE_DIR", str(tmp_path / "cache"))
+    assert load_documents("embedded") == fresh  # parsed, then written
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert cached.name.startswith("embedded-docstrings-") and cached.suffix == ".json"
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("parsed although the cache holds the result")
+
+    with monkeypatch.context() as m:
+        m.setattr(corpus, "_module_docstrings", no_parsing)
+        assert load_documents("embedded") == fresh
+    cached.write_text("{not json")
+    assert load_documents("embedded") == fresh  # parsed again, and the file rewritten
+    texts = json.loads(cached.read_text())
+    assert texts and fresh[-len(texts):] == texts
+    # The key is the sources themselves: other text, another entry (no stale result).
+    assert corpus._cached_docstrings([("m", '"""Doc of m."""\n')]) == ["Module m\n\nDoc of m."]
+    assert corpus._cached_docstrings([("m", '"""Other doc."""\n')]) == ["Module m\n\nOther doc."]
+    assert len(list((tmp_path / "cache").glob("embedded-docstrings-*.json"))) == 3
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
 def test_text_file_sources(tmp_path):
     paragraphs = [f"Paragraph {i}.\nSecond line of {i}." for i in range(6)]
     (tmp_path / "a.txt").write_text("\n\n".join(paragraphs) + "\n")

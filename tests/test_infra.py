@@ -322,3 +322,41 @@ def test_mfu_counts_every_parameter_but_the_embedding_lookup(tied):
     per_token = 6 * count_flops_params(model)
     callback = Throughput(every_n_steps=1, flops_params=count_flops_params(model), peak_flops=1e12, precision="32-true")
     assert callback.flops_per_token == per_token
+
+
+def test_a_single_runs_clock_starts_with_its_process():
+    """Issue 18: "command to first step" counts from the process's start (Python's start-up and every import
+    included), read from /proc, not from when the entry point got control."""
+    spawned = time.time()
+    code = "import groundthink, sys; from groundthink.hydra_support import command_started, process_started; " \
+           "print(process_started(), command_started(), groundthink._IMPORTED_AT)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    process, command, imported = map(float, out)
+    assert command == pytest.approx(process, abs=0.02)
+    assert spawned - 0.05 <= process <= imported  # the clock ticks 10 ms; the process exists before it imports
+
+
+def test_composing_a_config_does_not_import_the_training_stack():
+    """Issue 18: the entry point's module, the schema and the config checks import neither Lightning nor what it
+    pulls in (torchmetrics, transformers, scipy): `--cfg job`, `--help` and a mistyped override answer sooner."""
+    code = ("import sys, groundthink.train, groundthink.schema, groundthink.cli_checks; "
+            "print(sorted(m for m in ('lightning', 'torchmetrics', 'transformers', 'scipy', 'wandb', 'datasets') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_closing_lines_name_where_the_start_up_is_counted_from(tmp_path, multirun):
+    from groundthink.training.run import Outcome, closing_lines
+
+    class Folder:
+        path = tmp_path
+
+        def has_checkpoint(self) -> bool:
+            return False
+
+    outcome = Outcome("completed", summary={"run_id": "1a2b3c4d", "step": 3, "startup_s": 4.26, "final": {}})
+    lines = closing_lines(outcome, Folder(), precision="32-true", wandb_mode="disabled", multirun=multirun)
+    assert ("job start to first step 4.3 s" if multirun else "command to first step 4.3 s") in lines
+

@@ -158,16 +158,66 @@ def embedded_documents() -> list[str]:
 
     docs = [topics[name].strip() for name in sorted(topics) if topics[name].strip()]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = []
     for rel in EMBEDDED_MODULES:
         file = stdlib / f"{rel}.py"
-        if not file.is_file():
-            continue
-        text = _module_docstrings(
-            file.read_text(encoding="utf-8"), rel.removesuffix("/__init__").replace("/", ".")
-        )
-        if text:
-            docs.append(text)
-    return docs
+        if file.is_file():
+            sources.append((rel.removesuffix("/__init__").replace("/", "."), file.read_text(encoding="utf-8")))
+    return docs + _cached_docstrings(sources)
+
+
+# Bump when _module_docstrings changes what it extracts (the cache key also holds the Python version and sources).
+_DOCSTRINGS_FORMAT = 1
+
+
+def _cached_docstrings(sources: list[tuple[str, str]]) -> list[str]:
+    """The non-empty `_module_docstrings` of (module, source) pairs, in order. Parsing the ~2 MB of sources takes
+    ~1 s, so the result is kept in a cache file keyed by a hash of everything it depends on (the sources
+    themselves, the Python version, the extraction's format): `$GROUNDTHINK_CACHE_DIR`, else
+    `$XDG_CACHE_HOME/groundthink`, else `~/.cache/groundthink`; GROUNDTHINK_CACHE_DIR="" turns it off. A missing,
+    unreadable or unwritable cache only means parsing again."""
+    import hashlib
+    import json
+    import sys
+    import tempfile
+
+    key = hashlib.sha256(repr((_DOCSTRINGS_FORMAT, sys.version, sources)).encode("utf-8", "surrogatepass"))
+    folder = _cache_dir()
+    path = folder / f"embedded-docstrings-{key.hexdigest()[:32]}.json" if folder is not None else None
+    if path is not None:
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(cached, list) and all(isinstance(t, str) for t in cached):
+                return cached
+        except (OSError, ValueError):
+            pass
+    texts = [text for text in (_module_docstrings(source, module) for module, source in sources) if text]
+    if path is not None:
+        tmp = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".embedded-", suffix=".tmp", dir=folder)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(texts, f)
+            os.replace(tmp, path)  # atomic: runs started together may write it at the same time
+        except OSError:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+    return texts
+
+
+def _cache_dir() -> Path | None:
+    """GroundThink's cache folder (see _cached_docstrings), None when turned off."""
+    given = os.environ.get("GROUNDTHINK_CACHE_DIR")
+    if given is not None:
+        return Path(given).expanduser() if given else None
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no home folder to be found
+            return None
+    return Path(base) / "groundthink"
 
 
 def _module_docstrings(source: str, module: str) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from groundthink.training.checkpoint import CheckpointError, find_last_good_checkpoint, remove_stale_temp_files
+from groundthink.training.errors import UserError  # defined there (light to import); also imported from here
 from groundthink.training.metrics_file import METRICS_FILE, higher_is_better, read_metrics_csv
 from groundthink.training.module import NonFiniteLossError
 from groundthink.training.rundir import ensure_writable, launched_rank, new_run_id
@@ -33,10 +34,6 @@ from groundthink.training.rundir import ensure_writable, launched_rank, new_run_
 log = logging.getLogger("groundthink")
 SUMMARY_FILE = "summary.json"
 _LOWER_IS_BETTER = ("loss", "bpb", "ppl")
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as a one-paragraph message, without a traceback."""
 
 
 class GateFailed(RuntimeError):
@@ -203,8 +200,11 @@ def resume_command(run_dir: Path, more_steps: int | None = None) -> str:
     return command + (f" trainer.max_steps={more_steps}" if more_steps else "")
 
 
-def closing_lines(outcome: Outcome, folder: RunFolder, *, precision: str, wandb_mode: str) -> list[str]:
-    """What the end of a run prints: status, the numbers, where things are, and only advice that applies."""
+def closing_lines(outcome: Outcome, folder: RunFolder, *, precision: str, wandb_mode: str,
+                  multirun: bool = False) -> list[str]:
+    """What the end of a run prints: status, the numbers, where things are, and only advice that applies. The
+    start-up (summary.json `startup_s`) counts from the command for a single run, from the job's start in a
+    multirun (groundthink.hydra_support.current_job)."""
     s = outcome.summary
     final = s.get("final", {})
     lines = [f"\n=== GroundThink run {s.get('run_id')}: {outcome.status} at step {s.get('step')} ==="]
@@ -221,7 +221,7 @@ def closing_lines(outcome: Outcome, folder: RunFolder, *, precision: str, wandb_
     if s.get("tokens_per_s"):
         lines.append(f"throughput {s['tokens_per_s']:.0f} tokens/s (training steps only)   wall {s['wall_s']:.1f} s")
     if s.get("startup_s") is not None:
-        lines.append(f"start to first step {s['startup_s']:.1f} s")
+        lines.append(f"{'job start' if multirun else 'command'} to first step {s['startup_s']:.1f} s")
     tokenizer = "tokenizer/, " if (folder.path / "tokenizer").is_dir() else ""  # none for data=mqar / passkey
     lines.append(f"outputs  {folder.path}  (config.yaml, metrics.csv, checkpoints/, {tokenizer}summary.json)")
     if folder.has_checkpoint():

@@ -1,14 +1,17 @@
 """The settings of a training run, as dataclasses: the one place their defaults are written.
 
-Each is the schema of one config group (`trainer`, `optim`, `callbacks`, `logger`, `paths`) or key (`faults`);
+Each is the schema of one config group (`trainer`, `optim`, `callbacks`, `logger`, `diagnostics`, `paths`) or key
+(`faults`);
 groundthink/schema.py turns them into Hydra structured configs, so a YAML file holds only what differs from these
 defaults and a wrong type or an unknown key is refused when the config is composed (before a run folder exists).
-Code below the entry point receives these objects, never the whole config.
+Code below the entry point receives these objects, never the whole config. This module imports nothing heavy
+(no torch, no Lightning), so composing and checking a config does not pay for the training stack.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -113,3 +116,57 @@ class FaultSettings:
     sigterm_at_step: int | None = None  # send this process SIGTERM during this step
     sigkill_after_checkpoint_at_step: int | None = None  # SIGKILL right after the checkpoint of this step is written
     raise_at_step: int | None = None  # raise an ordinary exception during this step
+
+
+@dataclass
+class GradNormSettings:
+    every_n_steps: int = 50
+    ratio_band: list[float] = field(default_factory=lambda: [0.1, 10.0])  # hybrid branch gradient ratio band
+    total_band: list[float] = field(default_factory=lambda: [0.5, 1.5])  # total norm (before clipping) band
+    stop_on_non_finite: bool = True  # a NaN/Inf gradient stops the run naming the parameter; false = alert
+
+
+@dataclass
+class StateSettings:
+    every_n_steps: int = 50
+    top_k: int = 5  # singular values counted by svd_top<k> (G3.5 reads svd_top5)
+    saturation_eps: float = 1.0e-3  # a decay a_t is saturated when a_t > 1 - eps or a_t < eps
+    frozen_cos: float = 0.99  # alert when a layer's cosine to the previous step's state reaches this
+    max_norm: float = 10.0  # alert when a layer's carried-state norm reaches this (off with StateNorm)
+    max_lanes: int | None = 4  # batch lanes whose state matrices are decomposed (SVD cost); null = all
+
+
+@dataclass
+class EntropySettings:
+    every_n_steps: int = 50
+    collapse_below: float = 0.3  # alert below this entropy (SPEC §3: collapse)
+    max_positions: int | None = 4096  # predicted positions used (bounds memory with a large vocabulary)
+
+
+@dataclass
+class DiagnosticsSettings:
+    """The `diagnostics` config group; every_n_steps: 0 turns one diagnostic off, enabled: false all of them."""
+
+    enabled: bool = True
+    grad_norms: GradNormSettings = field(default_factory=GradNormSettings)
+    state: StateSettings = field(default_factory=StateSettings)
+    entropy: EntropySettings = field(default_factory=EntropySettings)
+
+    @classmethod
+    def from_dict(cls, given: Mapping[str, Any]) -> DiagnosticsSettings:
+        """From a plain dict (partial); unknown keys are an error naming them and the known ones, so a typo does
+        not silently turn a check off."""
+        sections = {f.name: f.type for f in fields(cls) if f.name != "enabled"}
+        unknown = sorted(set(given) - set(sections) - {"enabled"})
+        if unknown:
+            raise ValueError(f"diagnostics: unknown section(s) {unknown}; known: enabled, {', '.join(sections)}")
+        kwargs: dict[str, Any] = {"enabled": bool(given.get("enabled", True))}
+        for name, default in ((f.name, f.default_factory) for f in fields(cls) if f.name != "enabled"):
+            section_cls = type(default())
+            known = [f.name for f in fields(section_cls)]
+            part = dict(given.get(name) or {})
+            bad = sorted(set(part) - set(known))
+            if bad:
+                raise ValueError(f"diagnostics.{name}: unknown key(s) {bad}; known: {', '.join(known)}")
+            kwargs[name] = section_cls(**part)
+        return cls(**kwargs)
