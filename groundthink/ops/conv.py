@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from groundthink.ops._checks import check_rank, check_shape
+from groundthink.ops._checks import check_rank, check_shape, compute_dtype
 from groundthink.ops.dispatch import register_op, resolve_impl
 
 CONV_IMPLS = ("torch", "causal_conv1d")
@@ -94,4 +94,7 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, *, impl="torch"):
         from groundthink.ops.kernels import causal_conv1d_kernel
 
         return causal_conv1d_kernel(x, weight, bias, initial_state), final_state
-    return _DepthwiseCausalConv.apply(xx, weight, bias, T), final_state
+    # In fp32 (fp64 for fp64 inputs) whatever the input dtype: on CPU, bf16 elementwise arithmetic is slower than
+    # the two casts (benchmarks/bench_train.py: the conv of `8m` under bf16 autocast).
+    y = _DepthwiseCausalConv.apply(xx.to(compute_dtype(x.dtype)), weight, bias, T)
+    return y.to(x.dtype), final_state
