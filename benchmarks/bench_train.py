@@ -220,7 +220,7 @@ def recording_recurrence_calls(calls: dict[tuple, OpCall]):
         if module is None or not (module_name == "groundthink" or module_name.startswith("groundthink.")):
             continue
         for attr, value in list(vars(module).items()):
-            if originals.get(id(value)) is value:
+            if id(value) in originals and originals[id(value)] is value:  # (a module attribute may be None)
                 setattr(module, attr, wrappers[id(value)])
                 patched.append((module, attr, value))
     try:

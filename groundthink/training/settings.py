@@ -20,9 +20,9 @@ class TrainerSettings:
     """The `trainer` group: how long, on what, in which precision."""
 
     max_steps: int = 300
-    # fp32 is the default: on 2 CPU cores the default run measured 4.0k tokens/s in fp32 vs 3.5k with bf16-mixed
-    # (per-op casts dominate at 1.6M params); only the 8m preset at batch 8 x 256 gains from bf16 (0.52k -> 0.67k,
-    # `make bench`). fp16 autocast is slow on CPU. Use bf16-mixed on GPU (trainer=gpu).
+    # fp32 is the default, so runs compare exactly with earlier ones. On a CPU with bf16 matmuls bf16-mixed is faster
+    # (2 cores, AVX-512 bf16: the default run 7.6k vs 6.1k tokens/s, `8m` at 8 x 256 1.6k vs 0.87k; README "Speed on
+    # CPU"). fp16 autocast is slow on CPU. Use bf16-mixed on GPU (trainer=gpu).
     precision: str = "32-true"  # 32-true | bf16-mixed
     accelerator: str = "auto"
     devices: Any = 1  # a count, "auto" or a list of device indices (Lightning's `devices`)
@@ -33,7 +33,9 @@ class TrainerSettings:
     accumulate_grad_batches: int = 1
     deterministic: bool = True
     num_threads: int | None = None  # torch CPU threads; null = torch's default
-    compile: bool = False  # torch.compile each block (regional compilation)
+    # torch.compile each block in place (regional: one graph for all blocks, one more for validation's no-grad mode).
+    # On 2 CPU cores: 8m fp32 steps 1.1x faster, bf16 not faster, first step 73-87 s with a cold inductor cache.
+    compile: bool = False
 
 
 @dataclass
