@@ -105,6 +105,13 @@ def read_column(run_dir: Path, column: str = "train/loss") -> dict[int, float]:
         return {int(r["step"]): float(r[column]) for r in csv.DictReader(f) if r.get(column)}
 
 
+def eval_metrics(run_dir: Path, task: str, *, short: bool = False) -> dict[str, float]:
+    """The metrics groundthink-eval wrote for `task` of a run (eval/<task>/result.json); short=True drops the
+    "eval/<task>/" prefix of each name."""
+    metrics = json.loads((run_dir / "eval" / task / "result.json").read_text())["metrics"]
+    return {k.rsplit("/", 1)[1]: v for k, v in metrics.items()} if short else metrics
+
+
 def run_dirs(root: Path, name: str = "default") -> list[Path]:
     folder = root / "outputs" / name
     return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []

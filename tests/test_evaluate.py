@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests._trained_run import trained_tiny_run
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import eval_metrics, run_cli, tiny_config
 
 TASKS = ("lm", "passkey", "mqar", "generation", "persona", "dynamics")
 # suite_smoke, smaller still: the point here is that every task runs end to end.
@@ -49,17 +49,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "trained": trained, "untrained": untrained}
 
 
-def _result(run: Path, task: str) -> dict:
-    return json.loads((run / "eval" / task / "result.json").read_text())["metrics"]
-
-
 @pytest.fixture(scope="module")
 def evaluated(runs) -> dict[str, dict[str, dict]]:
     """suite_smoke on both checkpoints in one multirun of the real CLI."""
     proc = run_cli(runs["root"], "groundthink.evaluate", "-m", f"run={runs['trained']},{runs['untrained']}",
                    "eval=suite_smoke", *SMALL)
     assert "W&B (offline)" in proc.stdout + proc.stderr
-    return {name: {task: _result(runs[name], task) for task in TASKS} for name in ("trained", "untrained")}
+    return {name: {task: eval_metrics(runs[name], task) for task in TASKS} for name in ("trained", "untrained")}
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from groundthink.data.errors import DataError
 from groundthink.data.persona import PROBES, STATEMENT, VALUES, PersonaDataSettings, PersonaSource, persona_conversation
 from groundthink.data.sources import TokenizerSettings
 from groundthink.data.stream import IGNORE_INDEX
-from tests.conftest import run_cli, run_train
+from tests.conftest import eval_metrics, run_cli, run_train
 
 
 def test_a_conversation_states_a_persona_then_asks_every_question_once_answered_from_it():
@@ -89,8 +89,7 @@ def test_persona_run_trains_through_the_cli_and_the_persona_task_scores_it(tmp_p
     assert summary["status"] == "completed" and "val/loss" in summary["final"]
     run_cli(tmp_path, "groundthink.evaluate", f"run={run}", "eval=persona", "eval.tasks.persona.distances=[0,32]",
             "eval.tasks.persona.personas=2", "progress=false", "wandb.mode=disabled")
-    result = json.loads((run / "eval" / "persona" / "result.json").read_text())
-    metrics = {k.rsplit("/", 1)[1]: v for k, v in result["metrics"].items()}
+    metrics = eval_metrics(run, "persona", short=True)
     assert {"acc_d0", "acc_d32", "acc_mean"} <= set(metrics) and metrics["chance"] == 0.25
 
 

@@ -30,7 +30,7 @@ from groundthink.data.recall import (
 from groundthink.data.sources import TokenizerSettings
 from groundthink.models import HybridLM
 from groundthink.models.presets import preset
-from tests.conftest import REPO, run_cli, run_train
+from tests.conftest import REPO, eval_metrics, run_cli, run_train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL = ["model=tiny", "model.d_model=32", "trainer.max_steps=6", "trainer.val_every_n_steps=3",
@@ -230,8 +230,7 @@ def test_mqar_run_logs_val_acc_stops_early_and_evaluates(tmp_path):
     assert loaded.tokenizer is None and loaded.model_config.vocab_size == 64
     run_cli(tmp_path, "groundthink.evaluate", f"run={run}", "eval=mqar", "eval.tasks.mqar.seq_lens=[32]",
             "eval.tasks.mqar.kv_pairs=[2,4]", "eval.tasks.mqar.examples=8", "progress=false", "wandb.mode=disabled")
-    result = json.loads((run / "eval" / "mqar" / "result.json").read_text())
-    assert set(result["metrics"]) >= {"eval/mqar/acc_T32_kv2", "eval/mqar/acc_T32_kv4", "eval/mqar/acc_mean"}
+    assert set(eval_metrics(run, "mqar")) >= {"eval/mqar/acc_T32_kv2", "eval/mqar/acc_T32_kv4", "eval/mqar/acc_mean"}
 
 
 @pytest.mark.slow
@@ -243,8 +242,7 @@ def test_passkey_run_carries_state_and_evaluates_at_the_token_level(tmp_path):
     assert summary["status"] == "completed" and "val/acc" in summary["final"]
     run_cli(tmp_path, "groundthink.evaluate", f"run={run}", "eval=passkey", "eval.tasks.passkey.distances=[4,40]",
             "eval.tasks.passkey.samples=4", "progress=false", "wandb.mode=disabled")
-    result = json.loads((run / "eval" / "passkey" / "result.json").read_text())
-    metrics = {k.rsplit("/", 1)[1]: v for k, v in result["metrics"].items()}
+    metrics = eval_metrics(run, "passkey", short=True)
     assert {"acc_d4", "acc_d40", "key_acc_d40", "acc_mean"} <= set(metrics) and metrics["chance"] == 0.1
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("acc_d4", "acc_d40"))
 

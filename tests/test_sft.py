@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests._trained_run import trained_tiny_run
-from tests.conftest import run_cli, run_dirs, run_train
+from tests.conftest import eval_metrics, run_cli, run_dirs, run_train
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
 
@@ -279,5 +279,4 @@ def test_chain_pretrain_datagen_sft_eval_through_the_clis(parent, tmp_path):
     assert sum(summary["data_stats"]["conversations"].values()) == len(rows)
     run_cli(tmp_path, "groundthink.evaluate", f"run={sft}", "eval=lm", "eval.tasks.lm.max_tokens=64", "threads=1",
             "progress=false")
-    result = json.loads((sft / "eval" / "lm" / "result.json").read_text())
-    assert math.isfinite(result["metrics"]["eval/lm/loss_carried"])  # the held-out conversations, all tokens
+    assert math.isfinite(eval_metrics(sft, "lm")["eval/lm/loss_carried"])  # the held-out conversations, all tokens

@@ -27,7 +27,7 @@ from groundthink.quant import (
 )
 from groundthink.quant.stage import check_settings, full_precision
 from tests._trained_run import trained_tiny_run
-from tests.conftest import read_column, run_cli, run_dirs, run_train, tiny_config
+from tests.conftest import eval_metrics, read_column, run_cli, run_dirs, run_train, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -254,7 +254,7 @@ def test_ste_cli_logs_fp_ptq_and_ste_losses_exports_and_loads_exactly(parent, st
     # groundthink-eval measures the ternary model: its held-out loss is the run's logged final val/loss
     proc = run_cli(tmp_path, "groundthink.evaluate", f"run={run}", "eval=lm", "eval.tasks.lm.max_tokens=64",
                    "eval.tasks.lm.max_documents=2", "threads=1", "progress=false", "wandb.mode=disabled")
-    metrics = json.loads((run / "eval" / "lm" / "result.json").read_text())["metrics"]
+    metrics = eval_metrics(run, "lm")
     assert metrics["eval/lm/val_loss_abs_diff"] <= 1e-5, (metrics, proc.stderr[-2000:])
 
 
