@@ -154,7 +154,10 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
         except ValueError as exc:
             raise UserError(str(exc)) from None
     if trainer_s.compile:
-        assembly.compile_blocks(model)
+        try:
+            assembly.compile_blocks(model)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     config = OmegaConf.to_container(cfg, resolve=True)
     config["model"]["vocab_size"] = model.cfg.vocab_size  # the data's vocabulary (BPE, data=mqar), not the group's
     run_meta = {"run_id": folder.run_id, "wandb_run_id": folder.wandb_run_id, "config": config,

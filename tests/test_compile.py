@@ -2,7 +2,8 @@
 
 The compiled run must train the same model as the eager one (inductor reorders fp32 arithmetic, so the losses agree
 to round-off, not bit for bit), recompile only where it has to (once for validation's no-grad mode, not for the
-carried state's layout), and write checkpoints an eager model loads (block.compile() keeps the parameter names)."""
+carried state's layout, nor for each new stream position), and write checkpoints an eager model loads
+(block.compile() keeps the parameter names)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import pytest
 
 from tests.conftest import read_column, run_dirs, run_train
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_compiled_run_trains_the_same_model_as_the_eager_run(tmp_path):
     from safetensors import safe_open
 
@@ -37,3 +37,48 @@ def test_compiled_run_trains_the_same_model_as_the_eager_run(tmp_path):
             return set(f.keys())
 
     assert tensor_names(compiled_dir) == tensor_names(eager_dir)
+
+
+@pytest.mark.parametrize("state_norm", [False, True])
+def test_a_compiled_block_compiles_once_per_state_norm_phase_not_once_per_step(state_norm):
+    """The blocks get the stream position reduced to what they read (HybridLM.position_period): nothing without
+    StateNorm, its phase (position mod interval) with it. A block compiled with static shapes (as trainer.compile
+    does) then traces once per phase instead of once per step, where it would hit dynamo's recompile limit and
+    fall back to eager. Dynamo's eager backend: the tracing is what is counted, not inductor's code."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from groundthink.models import HybridLM
+    from groundthink.models.presets import preset
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=32, impl="chunked", state_norm=state_norm, state_norm_interval=16)
+    model, reference = HybridLM(cfg), HybridLM(cfg)
+    reference.load_state_dict(model.state_dict())
+    assert model.position_period == (16 if state_norm else 1)
+    for block in model.blocks:
+        block.compile(backend="eager", dynamic=False)
+    tokens = torch.randint(0, 32, (2, 8 * 12))
+    counters.clear()
+    state = ref_state = None
+    for segment in tokens.split(12, dim=1):  # 12-token segments: positions 0, 12, 24, ... cycle through 4 phases
+        logits, state = model(segment, state)  # carried detached, as in training (truncated BPTT)
+        ref_logits, ref_state = reference(segment, ref_state)
+        state, ref_state = state.map(torch.Tensor.detach), ref_state.map(torch.Tensor.detach)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    # Both blocks share their code, so each phase is one frame compile: 4 phases (0, 12, 8, 4) with StateNorm.
+    assert counters["stats"]["unique_graphs"] == (4 if state_norm else 1)
+    torch._dynamo.reset()
+
+
+def test_compile_refuses_rope_attention_which_reads_the_exact_position():
+    from groundthink.models import HybridLM
+    from groundthink.models.presets import preset
+    from groundthink.training.assembly import compile_blocks
+
+    cfg = preset("tiny", vocab_size=32, impl="chunked", pattern="A", mixers={"attention": {"rope_base": 10000.0}})
+    model = HybridLM(cfg)
+    assert model.position_period is None
+    with pytest.raises(ValueError, match=r"trainer.compile=true does not work with RoPE.*rope_base=null"):
+        compile_blocks(model)

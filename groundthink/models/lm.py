@@ -11,6 +11,7 @@ Mixers and FFNs use their own official inits (see groundthink/mixers).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -48,6 +49,12 @@ class HybridLM(nn.Module):
                 self.head.weight = self.embed.weight
             else:
                 nn.init.normal_(self.head.weight, std=0.02)
+        # What the blocks read of the stream position: RoPE all of it, StateNorm only its phase (position mod the
+        # interval), the other mixers nothing. Blocks get the position reduced to what they read, so that a
+        # compiled block (trainer.compile) sees one value per phase instead of a new int to recompile for each step.
+        rope = any(getattr(m, "rope_base", None) is not None for m in self.modules())
+        intervals = [m.state_norm_interval for m in self.modules() if getattr(m, "state_norm", False) is True]
+        self.position_period = None if rope else math.lcm(*intervals) if intervals else 1
 
     # ----- state ---------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None) -> LMState:
@@ -100,8 +107,9 @@ class HybridLM(nn.Module):
             raise ValueError(f"state has {len(state.layers)} layers but the model has {len(self.blocks)}")
         x = self.embed(tokens)
         layers = []
+        position = state.position if self.position_period is None else state.position % self.position_period
         for block, layer_state in zip(self.blocks, state.layers):
-            x, new = block(x, layer_state, position=state.position)
+            x, new = block(x, layer_state, position=position)
             layers.append(new)
         logits = self.head(self.norm_f(x))
         # Each state tensor in its own memory: a token-shift state is a view of the last row of a [B,T,D] activation,
