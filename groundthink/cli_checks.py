@@ -10,6 +10,7 @@ import difflib
 import sys
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 
 def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -63,9 +64,21 @@ def unknown_override_keys(
     valid = _all_keys(cfg)
     unknown = []
     for key in value_keys:
-        if OmegaConf.select(cfg, key, default="__missing__", throw_on_missing=False) == "__missing__":
+        if not _has_key(cfg, key):
             unknown.append((key, difflib.get_close_matches(key, valid, n=3, cutoff=0.6)))
     return unknown
+
+
+_ABSENT = object()
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    """Whether the dotted key exists in cfg, including a required key whose value is still ??? (data.path of
+    data=file): a missing value is not a missing key."""
+    try:
+        return OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True) is not _ABSENT
+    except MissingMandatoryValue:
+        return True
 
 
 def explain_override_errors(argv: list[str], config_dir: str) -> None:

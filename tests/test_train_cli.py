@@ -157,6 +157,8 @@ def test_bad_input_fails_before_training_naming_it_and_leaves_no_run_folder(tmp_
         for word in words:
             assert word in proc.stderr, (name, word, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, (name, proc.stderr[-3000:])
+        if name != "key":  # a required key (data.path of data=file) is not an unknown one
+            assert "Unknown config key" not in proc.stderr, (name, proc.stderr[-2000:])
         assert not (root / "outputs" / "default").exists() or not run_dirs(root), name
     assert not (tmp_path / "no").exists()
 
