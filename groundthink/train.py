@@ -112,6 +112,10 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
         except ValueError as exc:
             raise UserError(str(exc)) from None
 
+    if s["logger"].wandb.enabled:  # W&B's service process starts while Lightning is imported (wandb_setup.py)
+        from groundthink.training.wandb_setup import start_service_early
+
+        start_service_early(s["logger"].wandb.mode)
     import lightning as L
     import torch
 

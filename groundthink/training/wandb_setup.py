@@ -107,6 +107,44 @@ def host_reachable(base_url: str | None = None, timeout_s: float = PROBE_TIMEOUT
     return ok
 
 
+def _explicit_mode(configured: str | None) -> str | None:
+    """The mode asked for by the config, else by WANDB_MODE / WANDB_DISABLED; None for auto-detection."""
+    mode = _normalise(configured, "logger.wandb.mode")
+    if mode is None:
+        mode = _normalise(os.environ.get("WANDB_MODE"), "WANDB_MODE")
+    if mode is None and os.environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes"):
+        mode = "disabled"
+    return mode
+
+
+def start_service_early(configured: str | None = "auto") -> None:
+    """Start W&B's service process now, in a daemon thread, unless W&B is disabled.
+
+    wandb.init (at the first step, through Lightning's logger) otherwise starts it and waits for it. Started here,
+    before Lightning is imported and the data and model are built, it comes up on the other core meanwhile, and
+    wandb.init attaches to it. `wandb.setup()` is W&B's public call for this. A failure here is not reported:
+    wandb.init starts the service itself and reports what goes wrong.
+    """
+    try:
+        if _explicit_mode(configured) == "disabled":
+            return
+    except ValueError:
+        return  # a bad mode: build_loggers reports it
+    import wandb
+    # wandb.init imports wandb.apis.public (for Launch's staged inputs) in every run. Its pydantic models read their
+    # field docstrings through inspect, which scans sys.modules once per class: imported now, before Lightning
+    # brings in some 2500 more modules, it costs a third of what it costs inside wandb.init.
+    import wandb.apis.public  # noqa: F401
+
+    def setup() -> None:
+        try:
+            wandb.setup()
+        except Exception as exc:  # noqa: BLE001 - wandb.init reports it
+            log.debug("starting the W&B service early failed: %s", exc)
+
+    threading.Thread(target=setup, name="wandb-service-start", daemon=True).start()
+
+
 def wandb_mode(configured: str | None = "auto") -> str:
     """ "online" | "offline" | "disabled".
 
@@ -114,11 +152,7 @@ def wandb_mode(configured: str | None = "auto") -> str:
     environment, then auto-detection. "online" is only returned when it can work (credentials and a reachable
     host); otherwise "offline" with a warning.
     """
-    mode = _normalise(configured, "logger.wandb.mode")
-    if mode is None:
-        mode = _normalise(os.environ.get("WANDB_MODE"), "WANDB_MODE")
-    if mode is None and os.environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes"):
-        mode = "disabled"
+    mode = _explicit_mode(configured)
     explicit = mode is not None
     if mode in ("offline", "disabled"):
         return mode
