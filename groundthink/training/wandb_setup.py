@@ -130,10 +130,10 @@ def start_service_early(configured: str | None = "auto") -> None:
             return
     except ValueError:
         return  # a bad mode: build_loggers reports it
-    import wandb
     # wandb.init imports wandb.apis.public (for Launch's staged inputs) in every run. Its pydantic models read their
     # field docstrings through inspect, which scans sys.modules once per class: imported now, before Lightning
     # brings in some 2500 more modules, it costs a third of what it costs inside wandb.init.
+    import wandb
     import wandb.apis.public  # noqa: F401
 
     def setup() -> None:
