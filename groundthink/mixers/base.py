@@ -20,6 +20,12 @@ and declares as class attributes:
                      (e.g. ("wkv",)); token-shift tails, conv tails and KV windows are not listed
     ops              the ops whose implementation it resolves once at build time (reported by `impls()`)
 
+`position` is the stream position of x's first token as far as the mixer reads it. HybridLM finds what its mixers
+read from their attributes and passes no more: the exact position when one has RoPE (`rope_base` set), its phase
+(position mod `state_norm_interval`) when StateNorm is on (`state_norm`), else 0. A new mixer that reads the
+position in another way must extend `HybridLM.position_period` (groundthink/models/lm.py), which would otherwise
+pass it 0. (The reduction lets a compiled block, trainer.compile, trace once per phase rather than once per step.)
+
 A recurrent mixer calls `self.observe_decay(log_retention)` with its per-step natural-log retention factors
 (<= 0) in its forward; the decay-saturation diagnostic installs an observer for one forward and removes it, and
 with no observer the call costs one attribute test. Parameters it wants kept out of weight decay are marked with
