@@ -159,7 +159,7 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
             raise UserError(str(exc)) from None
     if trainer_s.compile:
         try:
-            assembly.compile_blocks(model)
+            assembly.compile_blocks(model, trace_ops=trainer_s.compile_ops)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     config = OmegaConf.to_container(cfg, resolve=True)

@@ -39,37 +39,114 @@ def test_compiled_run_trains_the_same_model_as_the_eager_run(tmp_path):
     assert tensor_names(compiled_dir) == tensor_names(eager_dir)
 
 
-@pytest.mark.parametrize("state_norm", [False, True])
-def test_a_compiled_block_compiles_once_per_state_norm_phase_not_once_per_step(state_norm):
-    """The blocks get the stream position reduced to what they read (HybridLM.position_period): nothing without
-    StateNorm, its phase (position mod interval) with it. A block compiled with static shapes (as trainer.compile
-    does) then traces once per phase instead of once per step, where it would hit dynamo's recompile limit and
-    fall back to eager. Dynamo's eager backend: the tracing is what is counted, not inductor's code."""
+def _compiled_tiny(backend="eager", trace_ops=False, **changes):
+    """A tiny model compiled as trainer.compile does (dynamo's eager backend: the tracing is what is counted, not
+    inductor's code) and an uncompiled copy with the same weights."""
     import torch
-    from torch._dynamo.utils import counters
 
     from groundthink.models import HybridLM
     from groundthink.models.presets import preset
+    from groundthink.training.assembly import compile_blocks
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    cfg = preset("tiny", vocab_size=32, impl="chunked", state_norm=state_norm, state_norm_interval=16)
+    cfg = preset("tiny", vocab_size=32, impl="chunked", **changes)
     model, reference = HybridLM(cfg), HybridLM(cfg)
     reference.load_state_dict(model.state_dict())
+    compile_blocks(model, trace_ops=trace_ops, backend=backend)
+    return model, reference
+
+
+@pytest.mark.parametrize(
+    "state_norm, trace_ops", [(False, False), (True, False), pytest.param(True, True, marks=pytest.mark.slow)]
+)
+def test_a_compiled_block_compiles_once_per_state_norm_phase_not_once_per_step(state_norm, trace_ops):
+    """The blocks get the stream position reduced to what they read (HybridLM.position_period): nothing without
+    StateNorm, its phase (position mod interval) with it. A block compiled with static shapes (as trainer.compile
+    does) then traces once per phase instead of once per step, where it would hit dynamo's recompile limit and
+    fall back to eager: the second cycle through the phases compiles nothing new."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    model, reference = _compiled_tiny(trace_ops=trace_ops, state_norm=state_norm, state_norm_interval=16)
     assert model.position_period == (16 if state_norm else 1)
-    for block in model.blocks:
-        block.compile(backend="eager", dynamic=False)
     tokens = torch.randint(0, 32, (2, 8 * 12))
     counters.clear()
+    graphs = []  # graphs traced so far, after each segment
     state = ref_state = None
     for segment in tokens.split(12, dim=1):  # 12-token segments: positions 0, 12, 24, ... cycle through 4 phases
         logits, state = model(segment, state)  # carried detached, as in training (truncated BPTT)
         ref_logits, ref_state = reference(segment, ref_state)
         state, ref_state = state.map(torch.Tensor.detach), ref_state.map(torch.Tensor.detach)
         torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
-    # Both blocks share their code, so each phase is one frame compile: 4 phases (0, 12, 8, 4) with StateNorm.
-    assert counters["stats"]["unique_graphs"] == (4 if state_norm else 1)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # Phases 0, 12, 8, 4 with StateNorm, then the same four again; one phase without.
+    first_cycle = 4 if state_norm else 1
+    assert graphs[first_cycle - 1] == graphs[-1] > 0, graphs
+    if state_norm:
+        assert graphs[0] < graphs[3], graphs  # each phase did compile its own graphs
     torch._dynamo.reset()
+
+
+def test_the_recurrence_ops_run_between_the_compiled_graphs_unless_compile_ops():
+    """trainer.compile calls the ops (groundthink.ops.dispatch.compiler_boundary) outside its graphs, so their chunk
+    loops are not unrolled into the compile; trainer.compile_ops traces them into one graph per block. Both give
+    the eager model's outputs and gradients."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    tokens = torch.randint(0, 32, (2, 24))
+    for trace_ops in (False, True):
+        model, reference = _compiled_tiny(trace_ops=trace_ops)
+        counters.clear()
+        model(tokens)[0].square().mean().backward()
+        reference(tokens)[0].square().mean().backward()
+        breaks = sum(n for reason, n in counters["graph_break"].items() if "compiler.disable" in reason)
+        if trace_ops:  # the tiny preset's block (RWKV-6 and Mamba-2 in parallel) in one graph
+            assert counters["stats"]["unique_graphs"] == 1 and breaks == 0
+        else:  # broken at WKV-6, the causal conv and SSD
+            assert counters["stats"]["unique_graphs"] > 1 and breaks >= 3
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "wrapper, module, function",
+    [("fla_wkv6", "fla.ops.rwkv6", "chunk_rwkv6"), ("fla_gla", "fla.ops.gla", "chunk_gla"),
+     ("mamba_ssd", "mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
+     ("causal_conv1d_kernel", "causal_conv1d", "causal_conv1d_fn")],
+)
+def test_the_kernels_run_outside_the_compiled_graphs_even_with_compile_ops(monkeypatch, wrapper, module, function):
+    """The CUDA kernels (Triton/CUDA code with their own autograd) are called by dynamo, never traced. A stand-in
+    kernel module records whether it ran inside dynamo's tracing."""
+    import sys
+    import types
+
+    import torch
+
+    from groundthink.ops import kernels
+    from groundthink.ops.dispatch import trace_ops_when_compiling
+
+    seen = []
+
+    def kernel(x, *args, **kwargs):
+        seen.append(torch.compiler.is_compiling())
+        return x if function == "causal_conv1d_fn" else (x, x.new_zeros(1))
+
+    fake = types.ModuleType(module)
+    setattr(fake, function, kernel)
+    monkeypatch.setitem(sys.modules, module, fake)
+    x = torch.ones(1, 4, 1, 2)
+    args = {"causal_conv1d_kernel": (x[0], torch.ones(2, 3), None, torch.zeros(1, 2, 2))}.get(wrapper, (x,) * 5)
+    torch._dynamo.reset()
+    trace_ops_when_compiling(True)
+    try:
+        torch.compile(lambda *a: getattr(kernels, wrapper)(*a), backend="eager")(*args)
+    finally:
+        trace_ops_when_compiling(False)
+        torch._dynamo.reset()
+    assert seen == [False]
 
 
 def test_compile_refuses_rope_attention_which_reads_the_exact_position():

@@ -149,6 +149,7 @@ def test_bad_input_fails_before_training_naming_it_and_leaves_no_run_folder(tmp_
         "resume": ([f"resume={tmp_path / 'no' / 'such' / 'run'}"], ["does not exist", "nothing was created"]),
         "early stop": (["callbacks.early_stop.metric=acc"], ["early_stop.metric='acc' is not a validation metric"]),
         "persona": (["data=persona", "data.role=narrator"], ["data.role=narrator: persona or system"]),
+        "compile ops": (["trainer.compile_ops=true"], ["trainer.compile_ops=true", "set trainer.compile=true"]),
     }
     (tmp_path / "t.txt").write_text("hello world\n")
     for name, (overrides, words) in cases.items():

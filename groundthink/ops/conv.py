@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from groundthink.ops._checks import check_rank, check_shape, compute_dtype
-from groundthink.ops.dispatch import register_op, resolve_impl
+from groundthink.ops.dispatch import compiler_boundary, register_op, resolve_impl
 
 CONV_IMPLS = ("torch", "causal_conv1d")
 register_op("conv", fallback="torch", kernel="causal_conv1d", module="causal_conv1d", impls=CONV_IMPLS)
@@ -75,6 +75,7 @@ class _DepthwiseCausalConv(torch.autograd.Function):
         return dxx, dweight, dbias, None
 
 
+@compiler_boundary
 def causal_conv1d(x, weight, bias=None, initial_state=None, *, impl="torch"):
     """y_t = bias + Σ_i weight[:, i] · xx_{t+i}, xx = cat(initial_state, x) along time.
 

@@ -4,6 +4,12 @@ Each op module registers itself with `register_op` (its pure-torch fallback, its
 module that provides the kernel). "auto" picks the CUDA kernel when the tensors are on CUDA and the kernel
 package imports, and the pure-torch path otherwise. Asking for a kernel by name where it cannot run is an error,
 never a silent fallback.
+
+Under torch.compile (trainer.compile) every op is a boundary of the compiled graphs: `compiler_boundary` runs it
+eagerly between them, so the compiler fuses the elementwise work around the recurrences without unrolling their
+chunk loops (on 2 CPU cores that halves the first step's compile time; benchmarks/bench_compile.py).
+`trace_ops_when_compiling(True)` (trainer.compile_ops) lets torch.compile trace the pure-torch paths instead.
+The CUDA kernels always run outside the graph (groundthink/ops/kernels.py).
 """
 
 from __future__ import annotations
@@ -24,6 +30,43 @@ class OpSpec:
 
 
 OPS: dict[str, OpSpec] = {}
+
+
+_OUTSIDE = {"on": False}  # read while dynamo traces, so it is guarded: changing it recompiles
+_BOUNDARIES: list[tuple] = []  # (op, holder, wrapper) per decorated op; holder[0]: op behind torch.compiler.disable
+
+
+def trace_ops_when_compiling(enabled: bool) -> None:
+    """Whether torch.compile traces the ops' pure-torch paths into its graphs (True) or calls them between graphs.
+    Until this is first called, the ops are plain calls (and a bare torch.compile traces them); torch._dynamo is
+    imported only here, not with the ops (it costs over a second)."""
+    _OUTSIDE["on"] = not enabled
+    if enabled:
+        return
+    from torch._dynamo.eval_frame import skip_code
+
+    for op, holder, wrapper in _BOUNDARIES:
+        if not holder:
+            holder.append(torch.compiler.disable(op))
+        # The wrapper is never compiled as a frame of its own: after the graph break at its call, dynamo would
+        # otherwise compile it once per op and input shape (empty graphs that count towards its recompile limit).
+        skip_code(wrapper.__code__)
+
+
+def compiler_boundary(op):
+    """Decorate an op's public function. Under trainer.compile (`trace_ops_when_compiling(False)`) it runs outside
+    the compiled graphs, a graph break at its call; otherwise dynamo inlines it. Eager calls compute the same
+    either way."""
+    holder: list = []
+
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        if _OUTSIDE["on"]:
+            return holder[0](*args, **kwargs)
+        return op(*args, **kwargs)
+
+    _BOUNDARIES.append((op, holder, run))
+    return run
 
 
 def register_op(name: str, *, fallback: str, kernel: str, module: str, impls: tuple[str, ...]) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from groundthink.ops._checks import check_rank, check_shape, compute_dtype
-from groundthink.ops.dispatch import register_op, resolve_impl
+from groundthink.ops.dispatch import compiler_boundary, register_op, resolve_impl
 from groundthink.ops.wkv6 import decay_attention_chunked
 
 GLA_IMPLS = ("reference", "chunked", "fla")
@@ -61,6 +61,7 @@ def gla_chunked(q, k, v, log_g, initial_state=None, scale=None, chunk_size=None)
     return decay_attention_chunked(q, k, v, log_g, None, initial_state, chunk_size, query_after_decay=True)
 
 
+@compiler_boundary
 def gla(q, k, v, log_g, initial_state=None, *, scale=None, impl="chunked", chunk_size=None):
     """GLA: returns (o [B,T,H,V] in v's dtype, final_state [B,H,K,V] fp32 (fp64 for fp64 inputs)).
 
@@ -71,10 +72,7 @@ def gla(q, k, v, log_g, initial_state=None, *, scale=None, impl="chunked", chunk
     if impl == "reference":
         return gla_reference(q, k, v, log_g, initial_state, scale)
     if impl == "fla":
-        from fla.ops.gla import chunk_gla
+        from groundthink.ops.kernels import fla_gla
 
-        state = None if initial_state is None else initial_state.float()
-        o, final = chunk_gla(q, k, v, log_g, scale=scale, initial_state=state, output_final_state=True,
-                             **({} if chunk_size is None else {"chunk_size": chunk_size}))
-        return o.to(v.dtype), final.float()
+        return fla_gla(q, k, v, log_g, initial_state, scale, chunk_size)
     return gla_chunked(q, k, v, log_g, initial_state, scale, chunk_size)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from groundthink.ops._checks import check_rank, check_shape, compute_dtype
-from groundthink.ops.dispatch import register_op, resolve_impl
+from groundthink.ops.dispatch import compiler_boundary, register_op, resolve_impl
 
 SSD_IMPLS = ("reference", "chunked", "mamba_ssm")
 register_op("ssd", fallback="chunked", kernel="mamba_ssm", module="mamba_ssm.ops.triton.ssd_combined", impls=SSD_IMPLS)
@@ -126,6 +126,7 @@ def ssd_chunked(x, dt, A, B, C, initial_state=None, chunk_size=None):
     return y.to(out_dtype), h.reshape(b, H, P, N)
 
 
+@compiler_boundary
 def ssd(x, dt, A, B, C, initial_state=None, *, impl="chunked", chunk_size=None):
     """Mamba-2 SSD: returns (y [B,T,H,P] in x's dtype, final_state [B,H,P,N] fp32 (fp64 for fp64 inputs)).
 

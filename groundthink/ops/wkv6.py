@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from groundthink.ops._checks import check_rank, check_shape, compute_dtype
-from groundthink.ops.dispatch import register_op, resolve_impl
+from groundthink.ops.dispatch import compiler_boundary, register_op, resolve_impl
 
 WKV6_IMPLS = ("reference", "chunked", "fla")
 register_op("wkv6", fallback="chunked", kernel="fla", module="fla.ops.rwkv6", impls=WKV6_IMPLS)
@@ -225,6 +225,7 @@ def decay_attention_chunked(r, k, v, log_w, u, initial_state, chunk_size, *, que
     return o, S
 
 
+@compiler_boundary
 def wkv6(r, k, v, log_w, u, initial_state=None, *, impl="chunked", chunk_size=None):
     """RWKV-6 WKV: returns (o [B,T,H,V] in v's dtype, final_state [B,H,K,V] fp32 (fp64 for fp64 inputs)).
 

@@ -90,15 +90,21 @@ def build_trainer(trainer: TrainerSettings, optim: OptimSettings, *, loggers: li
     )
 
 
-def compile_blocks(model: Any) -> None:
-    """trainer.compile: torch.compile each block in place (regional compilation: one graph per block type, so the
-    compile time does not grow with depth the way compiling the whole model does). Blocks see the stream position
-    reduced to what they read (HybridLM.position_period), so StateNorm costs one graph per phase; RoPE attention
-    reads the exact position, which would recompile every step until dynamo gives up, so it is refused."""
+def compile_blocks(model: Any, *, trace_ops: bool = False, backend: str = "inductor") -> None:
+    """trainer.compile: torch.compile each block in place (regional compilation: one set of graphs for all blocks,
+    so the compile time does not grow with depth the way compiling the whole model does). The recurrence ops run
+    between the graphs unless `trace_ops` (trainer.compile_ops), which traces their pure-torch paths as well
+    (groundthink.ops.dispatch.compiler_boundary). Blocks see the stream position reduced to what they read
+    (HybridLM.position_period), so StateNorm costs one graph per phase; RoPE attention reads the exact position,
+    which would recompile every step until dynamo gives up, so it is refused. `backend`: torch.compile's (tests
+    use dynamo's "eager" backend)."""
+    from groundthink.ops.dispatch import trace_ops_when_compiling
+
     if getattr(model, "position_period", 1) is None:
         raise ValueError(
             "trainer.compile=true does not work with RoPE attention (rope_base set): the rotation reads the exact "
             "stream position, so every step would compile a new graph. Set trainer.compile=false, or rope_base=null."
         )
+    trace_ops_when_compiling(trace_ops)
     for block in model.blocks:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, backend=backend)

@@ -33,10 +33,21 @@ class TrainerSettings:
     accumulate_grad_batches: int = 1
     deterministic: bool = True
     num_threads: int | None = None  # torch CPU threads; null = torch's default
-    # torch.compile each block in place (regional: one graph for all blocks, one more for validation's no-grad mode,
-    # one per StateNorm phase; refused with RoPE attention, which reads the exact stream position).
-    # On 2 CPU cores: 8m fp32 steps 1.1x faster, bf16 not faster, first step 73-87 s with a cold inductor cache.
+    # torch.compile each block in place (regional: one set of graphs for all blocks, one more for validation's
+    # no-grad mode, one per StateNorm phase; refused with RoPE attention, which reads the exact stream position).
+    # The recurrence ops (WKV-6, SSD, GLA, the causal conv) run between the graphs, uncompiled. 8m on 2 CPU cores:
+    # first step ~40 s with an empty inductor cache, steps 1.1-1.2x faster (README: Speed on CPU).
     compile: bool = False
+    # With compile: trace the ops' pure-PyTorch paths into the graphs too (8m: first step ~90 s cold, steps 1.2-1.4x
+    # faster). The CUDA kernels always run outside the graphs.
+    compile_ops: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compile_ops and not self.compile:
+            raise ValueError(
+                "trainer.compile_ops=true only changes what trainer.compile traces, and trainer.compile is false: "
+                "set trainer.compile=true as well, or drop trainer.compile_ops"
+            )
 
 
 @dataclass
