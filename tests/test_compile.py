@@ -58,13 +58,15 @@ def _compiled_tiny(backend="eager", trace_ops=False, **changes):
 
 
 @pytest.mark.parametrize(
-    "state_norm, trace_ops", [(False, False), (True, False), pytest.param(True, True, marks=pytest.mark.slow)]
+    "state_norm, trace_ops",
+    [(False, False), (True, False), (False, True), pytest.param(True, True, marks=pytest.mark.slow)],
 )
-def test_a_compiled_block_compiles_once_per_state_norm_phase_not_once_per_step(state_norm, trace_ops):
-    """The blocks get the stream position reduced to what they read (HybridLM.position_period): nothing without
-    StateNorm, its phase (position mod interval) with it. A block compiled with static shapes (as trainer.compile
-    does) then traces once per phase instead of once per step, where it would hit dynamo's recompile limit and
-    fall back to eager: the second cycle through the phases compiles nothing new."""
+def test_a_compiled_block_compiles_once_per_state_norm_phase_not_once_per_step(state_norm, trace_ops, caplog):
+    """A block compiled with static shapes (as trainer.compile does) must not trace anew for each stream position,
+    where it would hit dynamo's recompile limit and fall back to eager. The blocks get the position reduced to its
+    StateNorm phase (HybridLM.position_period), so they trace once per phase; with the ops between the graphs the
+    StateNorm scan runs outside them too (mixers/_common.scan_with_state_norm), so its cut points (ints) do not
+    multiply the graphs of its inner frames. Both in training and in validation's no-grad mode."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -72,19 +74,21 @@ def test_a_compiled_block_compiles_once_per_state_norm_phase_not_once_per_step(s
     assert model.position_period == (16 if state_norm else 1)
     tokens = torch.randint(0, 32, (2, 8 * 12))
     counters.clear()
-    graphs = []  # graphs traced so far, after each segment
-    state = ref_state = None
-    for segment in tokens.split(12, dim=1):  # 12-token segments: positions 0, 12, 24, ... cycle through 4 phases
-        logits, state = model(segment, state)  # carried detached, as in training (truncated BPTT)
-        ref_logits, ref_state = reference(segment, ref_state)
-        state, ref_state = state.map(torch.Tensor.detach), ref_state.map(torch.Tensor.detach)
-        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
-        graphs.append(counters["stats"]["unique_graphs"])
-    # Phases 0, 12, 8, 4 with StateNorm, then the same four again; one phase without.
-    first_cycle = 4 if state_norm else 1
-    assert graphs[first_cycle - 1] == graphs[-1] > 0, graphs
-    if state_norm:
-        assert graphs[0] < graphs[3], graphs  # each phase did compile its own graphs
+    for grad in (True, False):
+        graphs = []  # graphs traced so far, after each segment
+        state = ref_state = None
+        with torch.set_grad_enabled(grad):
+            for segment in tokens.split(12, dim=1):  # positions 0, 12, 24, ...: 4 phases, twice
+                logits, state = model(segment, state)  # carried detached, as in training (truncated BPTT)
+                ref_logits, ref_state = reference(segment, ref_state)
+                state, ref_state = state.map(torch.Tensor.detach), ref_state.map(torch.Tensor.detach)
+                torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+                graphs.append(counters["stats"]["unique_graphs"])
+        if state_norm:  # phases 0, 12, 8, 4, then the same four again: nothing new in the second cycle
+            assert graphs[0] < graphs[3] == graphs[-1], graphs
+        else:  # one set of graphs for every position
+            assert graphs[0] == graphs[-1] > 0, graphs
+    assert "recompile_limit" not in caplog.text
     torch._dynamo.reset()
 
 

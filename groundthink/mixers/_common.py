@@ -24,6 +24,7 @@ from torch import nn
 
 from groundthink.mixers.base import no_weight_decay
 from groundthink.ops import resolve_impl
+from groundthink.ops.dispatch import compiler_boundary
 
 STATE_NORM_EPS = 1e-8
 # init="identity_bias": every recurrent decay starts at this per-token retention ("for long memory").
@@ -50,6 +51,7 @@ def state_norm(state: torch.Tensor, groups: int) -> torch.Tensor:
     return (grouped / rms).reshape(b, h, k, v)
 
 
+@compiler_boundary(only_if="enabled")
 def scan_with_state_norm(
     step: Callable[[int, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     T: int,
@@ -64,6 +66,9 @@ def scan_with_state_norm(
 
     With StateNorm on, the input is cut wherever `position + t` is a positive multiple of `interval`, and the
     state leaving each such point is normalised. Returns (outputs concatenated along time, final state).
+    With StateNorm on, a compiled block (trainer.compile) calls the whole scan outside its graphs, not just the op
+    in each `step`: every cut point (an int) would otherwise specialise the graphs of `step`'s frame, past dynamo's
+    recompile limit. With trainer.compile_ops it is traced into the block's graph, one graph per StateNorm phase.
     """
     if not enabled:
         return step(0, T, state)

@@ -53,15 +53,18 @@ def trace_ops_when_compiling(enabled: bool) -> None:
         skip_code(wrapper.__code__)
 
 
-def compiler_boundary(op):
-    """Decorate an op's public function. Under trainer.compile (`trace_ops_when_compiling(False)`) it runs outside
-    the compiled graphs, a graph break at its call; otherwise dynamo inlines it. Eager calls compute the same
-    either way."""
+def compiler_boundary(op=None, *, only_if: str | None = None):
+    """Decorate an op's public function (or a mixer's scan over one: mixers/_common.scan_with_state_norm). Under
+    trainer.compile (`trace_ops_when_compiling(False)`) it runs outside the compiled graphs, a graph break at its
+    call; otherwise dynamo inlines it. `only_if`: the name of a keyword argument that must be true for the call to
+    leave the graph. Eager calls compute the same either way."""
+    if op is None:
+        return functools.partial(compiler_boundary, only_if=only_if)
     holder: list = []
 
     @functools.wraps(op)
     def run(*args, **kwargs):
-        if _OUTSIDE["on"]:
+        if _OUTSIDE["on"] and (only_if is None or kwargs[only_if]):
             return holder[0](*args, **kwargs)
         return op(*args, **kwargs)
 

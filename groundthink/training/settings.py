@@ -36,7 +36,7 @@ class TrainerSettings:
     # torch.compile each block in place (regional: one set of graphs for all blocks, one more for validation's
     # no-grad mode, one per StateNorm phase; refused with RoPE attention, which reads the exact stream position).
     # The recurrence ops (WKV-6, SSD, GLA, the causal conv) run between the graphs, uncompiled. 8m on 2 CPU cores:
-    # first step 35-45 s with an empty inductor cache, steps 1.1-1.2x faster (README: Speed on CPU).
+    # first step 26-45 s with an empty inductor cache, steps 1.0-1.2x faster (README: Speed on CPU).
     compile: bool = False
     # With compile: trace the ops' pure-PyTorch paths into the graphs too (8m: first step 75-91 s cold, steps 1.2-1.4x
     # faster). The CUDA kernels always run outside the graphs.
