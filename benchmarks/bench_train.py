@@ -330,13 +330,17 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+def _closure_cells(fn) -> dict:
+    code, closure = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    return {} if code is None or closure is None else dict(zip(code.co_freevars, closure))
+
+
 def _resolved_to_kernel(fn) -> bool | None:
     """Whether a use_kernel_func_from_hub_with_fallback wrapper resolved to a kernel (None: cannot tell)."""
-    code, closure = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
-    if code is None or closure is None:
-        return None
-    cells = dict(zip(code.co_freevars, closure))
-    cell = cells.get("is_new_implementation")
+    if getattr(fn, "__code__", None) is None:  # transformers >= 5.25: a `kernels` Func module around the wrapper
+        func = _closure_cells(getattr(type(fn), "forward", None)).get("func")
+        fn = None if func is None else func.cell_contents
+    cell = _closure_cells(fn).get("is_new_implementation")
     return None if cell is None else bool(cell.cell_contents)
 
 
