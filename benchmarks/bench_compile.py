@@ -51,11 +51,9 @@ def _child(preset: str, precision: str, B: int, T: int, steps: int, threads: int
     first, eager_first = timed(step), timed(eager_step)
     pairs = []  # (eager, compiled) seconds; which of the two goes first alternates
     for i in range(steps - 1):
-        if i % 2:
-            pairs.append((timed(eager_step), timed(step)))
-        else:
-            compiled_s = timed(step)
-            pairs.append((timed(eager_step), compiled_s))
+        compiled_s = timed(step) if i % 2 == 0 else None
+        eager_s = timed(eager_step)
+        pairs.append((eager_s, compiled_s if compiled_s is not None else timed(step)))
     return {"first": first, "eager_first": eager_first, "pairs": pairs, "params": model.num_params()}
 
 
@@ -100,7 +98,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="gt-inductor-") as cache:
         for name in ("cold", "warm"):
             results[name] = r = run_child(args, cache_dir=cache)
-            eager_s, compiled_s = (sorted(col)[len(col) // 2] for col in zip(*r["pairs"]))
+            eager_s, compiled_s = (statistics.median(col) for col in zip(*r["pairs"]))
             r["speedup"] = statistics.median(e / c for e, c in r["pairs"])
             print(f"  [{name} cache] first compiled step {r['first']:5.1f} s (process {r['process_s']:5.1f} s)   "
                   f"then, taking turns: eager {eager_s:.3f} s ({tokens / eager_s:5.0f} tokens/s), compiled "
