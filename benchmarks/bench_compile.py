@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import time
 def _child(preset: str, precision: str, B: int, T: int, steps: int, threads: int, compile_ops: bool) -> dict:
     import torch
 
-    from benchmarks.bench_models import hybrid_lm_train_step, preset_model
+    from benchmarks.bench_models import hybrid_lm_train_step, preset_model, taking_turns
     from groundthink.training.assembly import compile_blocks
 
     torch.set_num_threads(threads)
@@ -49,11 +48,7 @@ def _child(preset: str, precision: str, B: int, T: int, steps: int, threads: int
         return time.perf_counter() - start
 
     first, eager_first = timed(step), timed(eager_step)
-    pairs = []  # (eager, compiled) seconds; which of the two goes first alternates
-    for i in range(steps - 1):
-        compiled_s = timed(step) if i % 2 == 0 else None
-        eager_s = timed(eager_step)
-        pairs.append((eager_s, compiled_s if compiled_s is not None else timed(step)))
+    pairs = taking_turns(step, eager_step, steps - 1)  # (compiled, eager) seconds
     return {"first": first, "eager_first": eager_first, "pairs": pairs, "params": model.num_params()}
 
 
@@ -77,7 +72,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10, help="steps per run, the first included (default 10)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="steps per run and side: the first, one more each, then steps-1 pairs (default 10)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile-ops", action="store_true",
                         help="trace the recurrence ops into the compiled graphs (trainer.compile_ops=true)")
@@ -90,6 +86,8 @@ def main(argv=None) -> dict:
                                 args.compile_ops)))
         return {}
 
+    from benchmarks.bench_models import paired_speedup
+
     tokens = args.batch_size * args.seq_len
     print(f"trainer.compile: preset {args.preset}, {args.precision}, B={args.batch_size} T={args.seq_len}, "
           f"{args.threads} threads, {args.steps} steps per run, "
@@ -98,8 +96,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="gt-inductor-") as cache:
         for name in ("cold", "warm"):
             results[name] = r = run_child(args, cache_dir=cache)
-            eager_s, compiled_s = (statistics.median(col) for col in zip(*r["pairs"]))
-            r["speedup"] = statistics.median(e / c for e, c in r["pairs"])
+            timed = paired_speedup(r["pairs"])
+            compiled_s, eager_s, r["speedup"] = timed["a_s"], timed["b_s"], timed["ratio"]
             print(f"  [{name} cache] first compiled step {r['first']:5.1f} s (process {r['process_s']:5.1f} s)   "
                   f"then, taking turns: eager {eager_s:.3f} s ({tokens / eager_s:5.0f} tokens/s), compiled "
                   f"{compiled_s:.3f} s ({tokens / compiled_s:5.0f} tokens/s); speed-up x{r['speedup']:.2f} "

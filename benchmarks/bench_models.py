@@ -9,6 +9,7 @@ of a few repeats after one warm-up. Not a test: numbers depend on the machine.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -31,6 +32,33 @@ def best_time(fn, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def taking_turns(fn_a, fn_b, pairs: int) -> list[tuple[float, float]]:
+    """Wall seconds (a, b) of `pairs` rounds in which `fn_a` and `fn_b` take turns (which goes first alternates),
+    after one warm-up call of each. On a shared machine whose speed drifts by more than the difference being
+    measured, two separate best-of runs can each land in a different phase; in a pair both see the same machine."""
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    fn_a(), fn_b()
+    out = []
+    for i in range(pairs):
+        if i % 2 == 0:
+            a = timed(fn_a)
+            out.append((a, timed(fn_b)))
+        else:
+            b = timed(fn_b)
+            out.append((timed(fn_a), b))
+    return out
+
+
+def paired_speedup(pairs: list[tuple[float, float]]) -> dict:
+    """Median seconds of each side and the median of the per-pair ratios b / a (how many times faster a is)."""
+    a_s, b_s = (statistics.median(col) for col in zip(*pairs))
+    return {"a_s": a_s, "b_s": b_s, "ratio": statistics.median(b / a for a, b in pairs), "pairs": len(pairs)}
 
 
 def perturb_parameters(module: torch.nn.Module, scale: float = 0.02) -> None:

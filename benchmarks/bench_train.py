@@ -53,6 +53,10 @@ What is measured, and how:
       parameter counts are printed.
    With `--pattern M` each preset's step is also compared with Mamba2ForCausalLM of the same shape, in both
    precisions.
+   Each comparison times the two steps taking turns, after a warm-up of each (2·repeats + 1 pairs,
+   bench_models.taking_turns): tokens/s from each side's median time, the ratio GroundThink / HF as the median
+   of the per-pair ratios. Timed one after the other, the two could each land in a different phase of a shared
+   machine's drifting speed (ratios measured that way moved from 1.9x to 2.6x between runs an hour apart).
 
 Not a test: the numbers depend on the machine and on what else runs on it.
 """
@@ -73,8 +77,10 @@ from benchmarks.bench_models import (
     best_time,
     hybrid_lm_train_step,
     make_train_step,
+    paired_speedup,
     perturb_parameters,
     preset_model,
+    taking_turns,
 )
 from groundthink.mixers import MIXERS
 from groundthink.mixers.base import SequenceMixer
@@ -403,7 +409,7 @@ def hf_config_like(cfg: ModelConfig):
                             d_conv=m.d_conv, tie_embeddings=cfg.tie_embeddings)
 
 
-def mixer_fwd_bwd_tokens_per_s(mixer: torch.nn.Module, B: int, T: int, d_model: int, repeats: int) -> float:
+def mixer_fwd_bwd(mixer: torch.nn.Module, B: int, T: int, d_model: int) -> Callable[[], None]:
     x = torch.randn(B, T, d_model, requires_grad=True)
 
     def step():
@@ -413,7 +419,19 @@ def mixer_fwd_bwd_tokens_per_s(mixer: torch.nn.Module, B: int, T: int, d_model: 
         mixer.zero_grad(set_to_none=True)
         x.grad = None
 
-    return B * T / best_time(step, repeats)
+    return step
+
+
+def side_by_side(ours: Callable[[], None], theirs: Callable[[], None], tokens: int, repeats: int) -> dict:
+    """Our step and the peer's taking turns (`pairs_for(repeats)` pairs): tokens/s of each from its median time,
+    and the ratio ours/theirs as the median of the per-pair ratios."""
+    timed = paired_speedup(taking_turns(ours, theirs, pairs_for(repeats)))
+    return {"ours_tps": tokens / timed["a_s"], "theirs_tps": tokens / timed["b_s"], "ratio": timed["ratio"],
+            "pairs": timed["pairs"]}
+
+
+def pairs_for(repeats: int) -> int:
+    return 2 * repeats + 1
 
 
 def compare_mixers(modeling, B: int, T: int, repeats: int) -> dict:
@@ -431,13 +449,13 @@ def compare_mixers(modeling, B: int, T: int, repeats: int) -> dict:
     theirs = modeling.Mamba2Mixer(hf_cfg, layer_idx=0)
     perturb_parameters(theirs)
     path = hf_mamba2_path(modeling, theirs, torch.randn(1, min(T, 16), s["d_model"]))
-    ours_tps = mixer_fwd_bwd_tokens_per_s(ours, B, T, s["d_model"], repeats)
-    theirs_tps = mixer_fwd_bwd_tokens_per_s(theirs, B, T, s["d_model"], repeats)
+    timed = side_by_side(mixer_fwd_bwd(ours, B, T, s["d_model"]), mixer_fwd_bwd(theirs, B, T, s["d_model"]),
+                         B * T, repeats)
     return {
-        "groundthink": {"tokens_per_s": ours_tps, "params": count_params(ours),
+        "groundthink": {"tokens_per_s": timed["ours_tps"], "params": count_params(ours),
                         "chunk_size": ours.chunk_size or ssd_default_chunk_size()},
-        "hf": {"tokens_per_s": theirs_tps, "params": count_params(theirs), "chunk_size": hf_cfg.chunk_size},
-        "ratio": ours_tps / theirs_tps, "path": path, "B": B, "T": T, "shape": dict(s),
+        "hf": {"tokens_per_s": timed["theirs_tps"], "params": count_params(theirs), "chunk_size": hf_cfg.chunk_size},
+        "ratio": timed["ratio"], "pairs": timed["pairs"], "path": path, "B": B, "T": T, "shape": dict(s),
     }
 
 
@@ -458,18 +476,17 @@ def compare_models(modeling, preset: str, B: int, T: int, repeats: int, precisio
     ours = preset_model(preset, pattern="M")
     theirs = build_hf_lm(modeling, ours.cfg)
     step, _ = hybrid_lm_train_step(ours, B, T, precision)
-    ours_tps = B * T / best_time(step, repeats)
-    theirs_tps = B * T / best_time(hf_lm_train_step(theirs, B, T, precision), repeats)
+    timed = side_by_side(step, hf_lm_train_step(theirs, B, T, precision), B * T, repeats)
     cfg = ours.cfg
     return {
         "preset": preset, "precision": precision, "B": B, "T": T,
         "shape": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size},
-        "groundthink": {"tokens_per_s": ours_tps, "params": count_params(ours),
+        "groundthink": {"tokens_per_s": timed["ours_tps"], "params": count_params(ours),
                         "non_embedding": hybrid_lm_non_embedding(ours)},
-        "hf": {"tokens_per_s": theirs_tps, "params": count_params(theirs),
+        "hf": {"tokens_per_s": timed["theirs_tps"], "params": count_params(theirs),
                "non_embedding": non_embedding_params(theirs, theirs.backbone.embeddings.weight,
                                                      theirs.lm_head.weight)},
-        "ratio": ours_tps / theirs_tps,
+        "ratio": timed["ratio"], "pairs": timed["pairs"],
     }
 
 
@@ -491,8 +508,8 @@ def bench_preset(preset: str, pattern: str | None, B: int, T: int, repeats: int,
         calls = capture_op_calls(model, ids[:, :-1], precision)
         res["split"] = step_split(step, calls, precision, max(repeats, profile_repeats))
         if hf_model is not None:
-            res["hf_tokens_per_s"] = B * T / best_time(hf_lm_train_step(hf_model, B, T, precision), repeats)
-            res["ratio_vs_hf"] = tps / res["hf_tokens_per_s"]
+            timed = side_by_side(step, hf_lm_train_step(hf_model, B, T, precision), B * T, repeats)
+            res["hf_tokens_per_s"], res["ratio_vs_hf"] = timed["theirs_tps"], timed["ratio"]
         out[precision] = res
     return out
 
@@ -551,7 +568,7 @@ def _print_hf(hf: dict) -> None:
         r = mixer[who]
         print(f"    {label:<22} {r['params']:>11,} params {r['tokens_per_s'] / 1e3:>9.2f} ktok/s   "
               f"(chunk size {r['chunk_size']})")
-    print(f"    GroundThink / HF: {mixer['ratio']:.2f}x")
+    print(f"    GroundThink / HF: {mixer['ratio']:.2f}x (median of {mixer['pairs']} pairs of steps taking turns)")
     sh = model["shape"]
     print(f"  training step (fwd + CE + bwd + AdamW), {model['precision']}, preset {model['preset']} pattern M "
           f"({sh['n_layers']} x {sh['d_model']}, vocab {sh['vocab_size']}), B={model['B']} T={model['T']}")
@@ -559,7 +576,8 @@ def _print_hf(hf: dict) -> None:
         r = model[who]
         print(f"    {label:<22} {r['params']:>11,} params ({r['non_embedding']:,} non-embedding) "
               f"{r['tokens_per_s'] / 1e3:>9.2f} ktok/s")
-    print(f"    GroundThink / HF: {model['ratio']:.2f}x   (GroundThink's blocks also carry an FFN; HF's do not)")
+    print(f"    GroundThink / HF: {model['ratio']:.2f}x (median of {model['pairs']} pairs)   "
+          "(GroundThink's blocks also carry an FFN; HF's do not)")
 
 
 def main(quick: bool = False, presets=None, pattern: str | None = None, threads: int | None = None,
