@@ -189,6 +189,70 @@ def test_conv_chunked_with_carried_state_equals_one_pass():
     assert tail.shape == (2, 3, 5)
 
 
+def _scan_loop(decay, contrib, initial, dim):
+    """The specification of ops._scan.chunk_state_scan: the loop autograd records step by step."""
+    starts, state = [], initial
+    for decay_n, contrib_n in zip(decay.unbind(dim), contrib.unbind(dim)):
+        starts.append(state)
+        state = decay_n * state + contrib_n
+    return torch.stack(starts, dim=dim), state
+
+
+@pytest.mark.parametrize(
+    "decay_shape, contrib_shape, dim",
+    [((2, 3, 5, 4, 1), (2, 3, 5, 4, 6), 2),  # WKV-6 / GLA: [B,H,N,K,1] against [B,H,N,K,V]
+     ((2, 5, 2, 3, 1, 1), (2, 5, 2, 3, 4, 6), 1),  # SSD: [b,nc,G,R,1,1] against [b,nc,G,R,P,N]
+     ((3, 1, 4, 1), (3, 1, 4, 5), 1)],  # one chunk
+)
+@pytest.mark.parametrize("initial_grad", [True, False])
+def test_chunk_state_scan_is_bitwise_the_loop(decay_shape, contrib_shape, dim, initial_grad):
+    """The autograd Function writes into preallocated tensors instead of stacking; the arithmetic is the loop's,
+    so forward and every gradient match it exactly (fp32), and gradcheck passes in fp64."""
+    from groundthink.ops._scan import chunk_state_scan
+
+    g = torch.Generator().manual_seed(len(contrib_shape) + dim)
+    decay = torch.rand(decay_shape, generator=g)
+    contrib = torch.randn(contrib_shape, generator=g)
+    state_shape = contrib_shape[:dim] + contrib_shape[dim + 1 :]
+    initial = torch.randn(state_shape, generator=g)
+    results = []
+    for fn in (_scan_loop, chunk_state_scan):
+        d, c = decay.clone().requires_grad_(), contrib.clone().requires_grad_()
+        h0 = initial.clone().requires_grad_(initial_grad)
+        starts, final = fn(d, c, h0, dim)
+        g_out = torch.Generator().manual_seed(1)
+        loss = (starts * torch.randn(starts.shape, generator=g_out)).sum() + (final * torch.randn(
+            final.shape, generator=g_out)).sum()
+        loss.backward()
+        results.append([starts, final, d.grad, c.grad, h0.grad])
+    for name, expected, actual in zip(["starts", "final", "d_decay", "d_contrib", "d_initial"], *results):
+        if expected is None:
+            assert actual is None, name
+        else:
+            assert torch.equal(actual, expected), f"{name}: max diff {(actual - expected).abs().max():.3e}"
+    assert results[1][0].is_contiguous()
+    double = [t.double().requires_grad_() for t in (decay, contrib, initial)]
+    assert torch.autograd.gradcheck(lambda d, c, h: chunk_state_scan(d, c, h, dim), double)
+
+
+def test_conv_backward_is_bitwise_the_accumulation_it_replaces():
+    """The conv's backward writes tap 0 instead of adding it to zeros and reduces the weight gradient without
+    copying the strided window: the numbers must be exactly those of the plain accumulation."""
+    g = torch.Generator().manual_seed(0)
+    B, T, C, W = 3, 17, 8, 4
+    x, weight, bias = torch.randn(B, T, C, generator=g), torch.randn(C, W, generator=g), torch.randn(C, generator=g)
+    init, dy = torch.randn(B, W - 1, C, generator=g), torch.randn(B, T, C, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, init)]
+    causal_conv1d(*leaves)[0].backward(dy)
+    xx = torch.cat([init, x], 1)
+    dxx = torch.zeros_like(xx)
+    for i in range(W):
+        dxx[:, i : i + T].addcmul_(dy, weight[:, i])
+    dweight = torch.stack([(dy.reshape(-1, C) * xx[:, i : i + T].reshape(-1, C)).sum(0) for i in range(W)], 1)
+    assert torch.equal(leaves[0].grad, dxx[:, W - 1 :]) and torch.equal(leaves[3].grad, dxx[:, : W - 1])
+    assert torch.equal(leaves[1].grad, dweight) and torch.equal(leaves[2].grad, dy.sum((0, 1)))
+
+
 def test_resolve_impl_on_cpu():
     assert resolve_impl("wkv6", "auto", "cpu") == "chunked"
     assert resolve_impl("ssd", "auto", torch.device("cpu")) == "chunked"

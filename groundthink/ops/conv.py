@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from groundthink.ops._checks import check_rank, check_shape, compute_dtype
+from groundthink.ops._scan import mul_into
 from groundthink.ops.dispatch import compiler_boundary, register_op, resolve_impl
 
 CONV_IMPLS = ("torch", "causal_conv1d")
@@ -62,13 +63,18 @@ class _DepthwiseCausalConv(torch.autograd.Function):
         w = weight.to(dy.dtype)
         dxx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
-            dxx = dy.new_zeros(xx.shape)
-            for i in range(W):
+            # dxx[:, i:i+T] += dy · w_i for i = 0..W-1 in that order; tap 0 is written, not added to zeros (the
+            # same numbers, one pass fewer), and only the W-1 rows past it are zeroed.
+            dxx = torch.empty_like(xx)
+            mul_into(dxx[:, :T], dy, w[:, 0])
+            dxx[:, T:].zero_()
+            for i in range(1, W):
                 dxx[:, i : i + T].addcmul_(dy, w[:, i])
         if ctx.needs_input_grad[1]:
-            flat_dy = dy.reshape(-1, dy.shape[-1])
+            # The product of dy with the strided window comes out contiguous, so its reshape is a view: the window is
+            # not copied first (reshaping the window itself would copy it).
             dweight = torch.stack(
-                [(flat_dy * xx[:, i : i + T].reshape(flat_dy.shape)).sum(0) for i in range(W)], dim=1
+                [(dy * xx[:, i : i + T]).reshape(-1, dy.shape[-1]).sum(0) for i in range(W)], dim=1
             ).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy.sum((0, 1))

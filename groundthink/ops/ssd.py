@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from groundthink.ops._checks import check_rank, check_shape, compute_dtype
+from groundthink.ops._scan import chunk_state_scan
 from groundthink.ops.dispatch import compiler_boundary, register_op, resolve_impl
 
 SSD_IMPLS = ("reference", "chunked", "mamba_ssm")
@@ -107,15 +108,10 @@ def ssd_chunked(x, dt, A, B, C, initial_state=None, chunk_size=None):
     X_end = (X * to_end).permute(0, 1, 3, 2, 4, 5).reshape(b, nc, G, Q, R * P)
     contrib = (X_end.transpose(-1, -2) @ Bc).view(b, nc, G, R, P, N)
 
-    # 3. Pass states across chunks (sequential: linear in T; the loop body is elementwise).
+    # 3. Pass states across chunks (sequential: linear in T; the loop body is elementwise; ops/_scan.py).
     chunk_decay = torch.exp(a_cs[:, :, -1]).view(b, nc, G, R, 1, 1)
     h = x.new_zeros(b, H, P, N) if initial_state is None else initial_state.to(dtype)
-    h = h.view(b, G, R, P, N)
-    starts = []
-    for decay_n, contrib_n in zip(chunk_decay.unbind(1), contrib.unbind(1)):  # unbind: linear backward (wkv6.py)
-        starts.append(h)
-        h = decay_n * h + contrib_n
-    h_start = torch.stack(starts, dim=1)  # [b,nc,G,R,P,N] state entering each chunk
+    h_start, h = chunk_state_scan(chunk_decay, contrib, h.view(b, G, R, P, N), dim=1)  # h_start: [b,nc,G,R,P,N]
 
     # 4. The state entering the chunk, read by C and decayed to each position, exp(a_cs_t) C_t h: again one
     # [Q, N] @ [N, R·P] product per group and chunk.

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from groundthink.ops._checks import check_rank, check_shape, compute_dtype
+from groundthink.ops._scan import chunk_state_scan
 from groundthink.ops.dispatch import compiler_boundary, register_op, resolve_impl
 
 WKV6_IMPLS = ("reference", "chunked", "fla")
@@ -203,13 +204,7 @@ def decay_attention_chunked(r, k, v, log_w, u, initial_state, chunk_size, *, que
     contrib = k_end.transpose(-1, -2) @ v_  # [B,H,N,K,V]
     chunk_decay = torch.exp(g_last).transpose(-1, -2)  # [B,H,N,K,1]
     S = r_.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
-    # unbind, not contrib[:, :, n]: the backward of each indexing would materialise a zero tensor the size of
-    # all chunks (quadratic in T); unbind's backward is one stack.
-    starts = []
-    for decay_n, contrib_n in zip(chunk_decay.unbind(2), contrib.unbind(2)):
-        starts.append(S)
-        S = decay_n * S + contrib_n
-    S_start = torch.stack(starts, dim=2)  # [B,H,N,K,V] state entering each chunk
+    S_start, S = chunk_state_scan(chunk_decay, contrib, S, dim=2)  # S_start: [B,H,N,K,V] entering each chunk
     o = (r_ * torch.exp(ge)) @ S_start  # [B,H,N,C,V]
 
     # The diagonal of the intra-chunk matrix: WKV-6's bonus u, or GLA's own token (factor exp(0) = 1).
