@@ -189,15 +189,6 @@ def test_conv_chunked_with_carried_state_equals_one_pass():
     assert tail.shape == (2, 3, 5)
 
 
-def _scan_loop(decay, contrib, initial, dim):
-    """The specification of ops._scan.chunk_state_scan: the loop autograd records step by step."""
-    starts, state = [], initial
-    for decay_n, contrib_n in zip(decay.unbind(dim), contrib.unbind(dim)):
-        starts.append(state)
-        state = decay_n * state + contrib_n
-    return torch.stack(starts, dim=dim), state
-
-
 @pytest.mark.parametrize(
     "decay_shape, contrib_shape, dim",
     [((2, 3, 5, 4, 1), (2, 3, 5, 4, 6), 2),  # WKV-6 / GLA: [B,H,N,K,1] against [B,H,N,K,V]
@@ -208,7 +199,7 @@ def _scan_loop(decay, contrib, initial, dim):
 def test_chunk_state_scan_is_bitwise_the_loop(decay_shape, contrib_shape, dim, initial_grad):
     """The autograd Function writes into preallocated tensors instead of stacking; the arithmetic is the loop's,
     so forward and every gradient match it exactly (fp32), and gradcheck passes in fp64."""
-    from groundthink.ops._scan import chunk_state_scan
+    from groundthink.ops._scan import chunk_state_scan, chunk_state_scan_loop
 
     g = torch.Generator().manual_seed(len(contrib_shape) + dim)
     decay = torch.rand(decay_shape, generator=g)
@@ -216,7 +207,7 @@ def test_chunk_state_scan_is_bitwise_the_loop(decay_shape, contrib_shape, dim, i
     state_shape = contrib_shape[:dim] + contrib_shape[dim + 1 :]
     initial = torch.randn(state_shape, generator=g)
     results = []
-    for fn in (_scan_loop, chunk_state_scan):
+    for fn in (chunk_state_scan_loop, chunk_state_scan):
         d, c = decay.clone().requires_grad_(), contrib.clone().requires_grad_()
         h0 = initial.clone().requires_grad_(initial_grad)
         starts, final = fn(d, c, h0, dim)

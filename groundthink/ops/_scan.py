@@ -64,6 +64,20 @@ class _ChunkStateScan(torch.autograd.Function):
         return d_decay, d_contrib if ctx.needs_input_grad[1] else None, d_initial, None
 
 
+def chunk_state_scan_loop(decay: torch.Tensor, contrib: torch.Tensor, initial: torch.Tensor, dim: int):
+    """The same scan as a loop that autograd records step by step: the specification of the Function (the tests
+    compare them bitwise) and what torch.compile traces (trainer.compile_ops), where inductor fuses the loop and the
+    Function's writes into views of one buffer would only be functionalised back into copies.
+
+    unbind, not contrib.select(dim, n): the backward of each index op would write a zero tensor the size of all
+    chunks (quadratic in T); unbind's backward is one stack."""
+    starts, state = [], initial
+    for decay_n, contrib_n in zip(decay.unbind(dim), contrib.unbind(dim)):
+        starts.append(state)
+        state = decay_n * state + contrib_n
+    return torch.stack(starts, dim=dim), state
+
+
 def chunk_state_scan(decay: torch.Tensor, contrib: torch.Tensor, initial: torch.Tensor, dim: int):
     """Carry a state across the chunks laid out along `dim`: S_0 = initial, S_{n+1} = decay_n ⊙ S_n + contrib_n.
 
@@ -71,4 +85,6 @@ def chunk_state_scan(decay: torch.Tensor, contrib: torch.Tensor, initial: torch.
     value axis); initial: the state, shaped like contrib without the chunk axis. Returns (the state entering each
     chunk, contiguous and shaped like contrib, and the state after the last chunk).
     """
+    if torch.compiler.is_compiling():
+        return chunk_state_scan_loop(decay, contrib, initial, dim)
     return _ChunkStateScan.apply(decay, contrib, initial, dim)
