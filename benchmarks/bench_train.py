@@ -53,10 +53,11 @@ What is measured, and how:
       parameter counts are printed.
    With `--pattern M` each preset's step is also compared with Mamba2ForCausalLM of the same shape, in both
    precisions.
-   Each comparison times the two steps taking turns, after a warm-up of each (2·repeats + 1 pairs,
-   bench_models.taking_turns): tokens/s from each side's median time, the ratio GroundThink / HF as the median
-   of the per-pair ratios. Timed one after the other, the two could each land in a different phase of a shared
-   machine's drifting speed (ratios measured that way moved from 1.9x to 2.6x between runs an hour apart).
+   Each comparison times the two steps taking turns, after a warm-up of each (2·repeats + 1 pairs for the
+   models, 6·repeats + 1 for the mixers; bench_models.taking_turns): tokens/s from each side's median time, the
+   ratio GroundThink / HF as the median of the per-pair ratios. Timed one after the other, the two could each
+   land in a different phase of a shared machine's drifting speed (ratios measured that way moved from 1.9x to
+   2.6x between runs an hour apart).
 
 Not a test: the numbers depend on the machine and on what else runs on it.
 """
@@ -449,8 +450,9 @@ def compare_mixers(modeling, B: int, T: int, repeats: int) -> dict:
     theirs = modeling.Mamba2Mixer(hf_cfg, layer_idx=0)
     perturb_parameters(theirs)
     path = hf_mamba2_path(modeling, theirs, torch.randn(1, min(T, 16), s["d_model"]))
+    # A mixer step is short (0.1-0.3 s at B=8, T=256): three times the pairs of the model comparison.
     timed = side_by_side(mixer_fwd_bwd(ours, B, T, s["d_model"]), mixer_fwd_bwd(theirs, B, T, s["d_model"]),
-                         B * T, repeats)
+                         B * T, 3 * repeats)
     return {
         "groundthink": {"tokens_per_s": timed["ours_tps"], "params": count_params(ours),
                         "chunk_size": ours.chunk_size or ssd_default_chunk_size()},
