@@ -66,8 +66,8 @@ class _ChunkStateScan(torch.autograd.Function):
 
 def chunk_state_scan_loop(decay: torch.Tensor, contrib: torch.Tensor, initial: torch.Tensor, dim: int):
     """The same scan as a loop that autograd records step by step: the specification of the Function (the tests
-    compare them bitwise) and what torch.compile traces (trainer.compile_ops), where inductor fuses the loop and the
-    Function's writes into views of one buffer would only be functionalised back into copies.
+    compare them bitwise) and what torch.compile traces (trainer.compile_ops): inductor fuses the loop, and the
+    traced Function made the compiled step slower (ops/README.md).
 
     unbind, not contrib.select(dim, n): the backward of each index op would write a zero tensor the size of all
     chunks (quadratic in T); unbind's backward is one stack."""
