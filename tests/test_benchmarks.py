@@ -95,3 +95,14 @@ def test_matmul_events():
                                                          "aten::mkldnn_linear", "mkldnn::matmul"))
     assert not any(bench_train.is_matmul_event(n) for n in ("aten::add", "aten::mul", "aten::copy_",
                                                              "MmBackward0"))
+
+
+def test_taking_turns_alternates_which_side_goes_first_after_a_warm_up_of_each():
+    from benchmarks.bench_models import paired_speedup, taking_turns
+
+    calls = []
+    pairs = taking_turns(lambda: calls.append("a"), lambda: calls.append("b"), 4)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(pairs) == 4 and all(a >= 0 and b >= 0 for a, b in pairs)
+    summary = paired_speedup([(1.0, 2.0), (2.0, 2.0), (1.0, 3.0)])  # ratios b/a: 2, 1, 3
+    assert summary == {"a_s": 1.0, "b_s": 2.0, "ratio": 2.0, "pairs": 3}
