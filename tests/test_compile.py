@@ -12,6 +12,17 @@ import pytest
 from tests.conftest import read_column, run_dirs, run_train
 
 
+@pytest.fixture(autouse=True)
+def _ops_back_to_plain_calls():
+    """compile_blocks switches the whole process to calling the ops between graphs (ops.dispatch, one switch per
+    process, as a training run compiles once); put it back so later tests in this worker call the ops as before."""
+    from groundthink.ops import dispatch
+
+    before = dict(dispatch._OUTSIDE)
+    yield
+    dispatch._OUTSIDE.update(before)
+
+
 @pytest.mark.slow
 def test_compiled_run_trains_the_same_model_as_the_eager_run(tmp_path):
     from safetensors import safe_open
