@@ -29,16 +29,14 @@ class _ChunkStateScan(torch.autograd.Function):
         starts = torch.empty_like(contrib, memory_format=torch.contiguous_format)
         starts.select(dim, 0).copy_(initial)
         state = initial
-        for n in range(n_chunks):
-            # decay_n * S + contrib_n, as two roundings (mul, then add) like the expression itself
-            if n + 1 < n_chunks:
-                nxt = mul_into(starts.select(dim, n + 1), decay.select(dim, n), state)
-            else:
-                nxt = decay.select(dim, n) * state
-            state = nxt.add_(contrib.select(dim, n))
+        # decay_n * S + contrib_n, as two roundings (mul, then add) like the expression itself; every state but the
+        # last is written into `starts`.
+        for n in range(n_chunks - 1):
+            state = mul_into(starts.select(dim, n + 1), decay.select(dim, n), state).add_(contrib.select(dim, n))
+        final = (decay.select(dim, n_chunks - 1) * state).add_(contrib.select(dim, n_chunks - 1))
         ctx.save_for_backward(decay, starts)
         ctx.dim = dim
-        return starts, state
+        return starts, final
 
     @staticmethod
     def backward(ctx, d_starts, d_final):
@@ -49,18 +47,16 @@ class _ChunkStateScan(torch.autograd.Function):
         # chunk from the last: dS_n = dS_{n+1} ⊙ decay_n + d_starts_n.
         d_contrib = torch.empty_like(starts)
         d_decay = torch.empty_like(decay) if ctx.needs_input_grad[0] else None
-        d_contrib.select(dim, n_chunks - 1).copy_(d_final)
-        grad = d_contrib.select(dim, n_chunks - 1)
+        grad = d_contrib.select(dim, n_chunks - 1).copy_(d_final)
         for n in range(n_chunks - 1, -1, -1):
             decay_n = decay.select(dim, n)
             if d_decay is not None:
                 d_decay.select(dim, n).copy_((grad * starts.select(dim, n)).sum_to_size(decay_n.shape))
-            if n == 0:
-                d_initial = grad * decay_n + d_starts.select(dim, 0) if ctx.needs_input_grad[2] else None
-                break
-            prev = d_contrib.select(dim, n - 1)
-            mul_into(prev, grad, decay_n).add_(d_starts.select(dim, n))
-            grad = prev
+            if n > 0:
+                grad = mul_into(d_contrib.select(dim, n - 1), grad, decay_n).add_(d_starts.select(dim, n))
+        d_initial = None
+        if ctx.needs_input_grad[2]:
+            d_initial = grad * decay.select(dim, 0) + d_starts.select(dim, 0)
         return d_decay, d_contrib if ctx.needs_input_grad[1] else None, d_initial, None
 
 
