@@ -32,7 +32,7 @@ import time
 def _child(preset: str, precision: str, B: int, T: int, steps: int, threads: int, compile_ops: bool) -> dict:
     import torch
 
-    from benchmarks.bench_models import hybrid_lm_train_step, preset_model, taking_turns
+    from benchmarks.bench_models import hybrid_lm_train_step, preset_model, taking_turns, timed
     from groundthink.training.assembly import compile_blocks
 
     torch.set_num_threads(threads)
@@ -41,11 +41,6 @@ def _child(preset: str, precision: str, B: int, T: int, steps: int, threads: int
     step, _ = hybrid_lm_train_step(model, B, T, precision)
     eager_step, _ = hybrid_lm_train_step(eager, B, T, precision)
     compile_blocks(model, trace_ops=compile_ops)
-
-    def timed(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
 
     first, eager_first = timed(step), timed(eager_step)
     pairs = taking_turns(step, eager_step, steps - 1)  # (compiled, eager) seconds

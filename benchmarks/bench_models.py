@@ -34,15 +34,17 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
+def timed(fn) -> float:
+    """Wall seconds of one call of fn."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def taking_turns(fn_a, fn_b, pairs: int) -> list[tuple[float, float]]:
     """Wall seconds (a, b) of `pairs` rounds in which `fn_a` and `fn_b` take turns (which goes first alternates),
     after one warm-up call of each. On a shared machine whose speed drifts by more than the difference being
     measured, two separate best-of runs can each land in a different phase; in a pair both see the same machine."""
-    def timed(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
     fn_a(), fn_b()
     out = []
     for i in range(pairs):
