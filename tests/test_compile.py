@@ -155,11 +155,10 @@ def test_the_kernels_run_outside_the_compiled_graphs_even_with_compile_ops(monke
     x = torch.ones(1, 4, 1, 2)
     args = {"causal_conv1d_kernel": (x[0], torch.ones(2, 3), None, torch.zeros(1, 2, 2))}.get(wrapper, (x,) * 5)
     torch._dynamo.reset()
-    trace_ops_when_compiling(True)
+    trace_ops_when_compiling(True)  # the fixture puts the switch back
     try:
         torch.compile(lambda *a: getattr(kernels, wrapper)(*a), backend="eager")(*args)
     finally:
-        trace_ops_when_compiling(False)
         torch._dynamo.reset()
     assert seen == [False]
 
