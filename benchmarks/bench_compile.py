@@ -91,8 +91,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="gt-inductor-") as cache:
         for name in ("cold", "warm"):
             results[name] = r = run_child(args, cache_dir=cache)
-            timed = paired_speedup(r["pairs"])
-            compiled_s, eager_s, r["speedup"] = timed["a_s"], timed["b_s"], timed["ratio"]
+            paired = paired_speedup(r["pairs"])
+            compiled_s, eager_s, r["speedup"] = paired["a_s"], paired["b_s"], paired["ratio"]
             print(f"  [{name} cache] first compiled step {r['first']:5.1f} s (process {r['process_s']:5.1f} s)   "
                   f"then, taking turns: eager {eager_s:.3f} s ({tokens / eager_s:5.0f} tokens/s), compiled "
                   f"{compiled_s:.3f} s ({tokens / compiled_s:5.0f} tokens/s); speed-up x{r['speedup']:.2f} "

@@ -426,9 +426,9 @@ def mixer_fwd_bwd(mixer: torch.nn.Module, B: int, T: int, d_model: int) -> Calla
 def side_by_side(ours: Callable[[], None], theirs: Callable[[], None], tokens: int, pairs: int) -> dict:
     """Our step and the peer's taking turns for `pairs` pairs: tokens/s of each from its median time, and the
     ratio ours/theirs as the median of the per-pair ratios."""
-    timed = paired_speedup(taking_turns(ours, theirs, pairs))
-    return {"ours_tps": tokens / timed["a_s"], "theirs_tps": tokens / timed["b_s"], "ratio": timed["ratio"],
-            "pairs": timed["pairs"]}
+    paired = paired_speedup(taking_turns(ours, theirs, pairs))
+    return {"ours_tps": tokens / paired["a_s"], "theirs_tps": tokens / paired["b_s"], "ratio": paired["ratio"],
+            "pairs": paired["pairs"]}
 
 
 def compare_mixers(modeling, B: int, T: int, repeats: int) -> dict:
@@ -447,13 +447,13 @@ def compare_mixers(modeling, B: int, T: int, repeats: int) -> dict:
     perturb_parameters(theirs)
     path = hf_mamba2_path(modeling, theirs, torch.randn(1, min(T, 16), s["d_model"]))
     # A mixer step is short (0.1-0.3 s at B=8, T=256): three times the pairs of the model comparison.
-    timed = side_by_side(mixer_fwd_bwd(ours, B, T, s["d_model"]), mixer_fwd_bwd(theirs, B, T, s["d_model"]),
-                         B * T, 6 * repeats + 1)
+    paired = side_by_side(mixer_fwd_bwd(ours, B, T, s["d_model"]), mixer_fwd_bwd(theirs, B, T, s["d_model"]),
+                          B * T, 6 * repeats + 1)
     return {
-        "groundthink": {"tokens_per_s": timed["ours_tps"], "params": count_params(ours),
+        "groundthink": {"tokens_per_s": paired["ours_tps"], "params": count_params(ours),
                         "chunk_size": ours.chunk_size or ssd_default_chunk_size()},
-        "hf": {"tokens_per_s": timed["theirs_tps"], "params": count_params(theirs), "chunk_size": hf_cfg.chunk_size},
-        "ratio": timed["ratio"], "pairs": timed["pairs"], "path": path, "B": B, "T": T, "shape": dict(s),
+        "hf": {"tokens_per_s": paired["theirs_tps"], "params": count_params(theirs), "chunk_size": hf_cfg.chunk_size},
+        "ratio": paired["ratio"], "pairs": paired["pairs"], "path": path, "B": B, "T": T, "shape": dict(s),
     }
 
 
@@ -474,17 +474,17 @@ def compare_models(modeling, preset: str, B: int, T: int, repeats: int, precisio
     ours = preset_model(preset, pattern="M")
     theirs = build_hf_lm(modeling, ours.cfg)
     step, _ = hybrid_lm_train_step(ours, B, T, precision)
-    timed = side_by_side(step, hf_lm_train_step(theirs, B, T, precision), B * T, 2 * repeats + 1)
+    paired = side_by_side(step, hf_lm_train_step(theirs, B, T, precision), B * T, 2 * repeats + 1)
     cfg = ours.cfg
     return {
         "preset": preset, "precision": precision, "B": B, "T": T,
         "shape": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size},
-        "groundthink": {"tokens_per_s": timed["ours_tps"], "params": count_params(ours),
+        "groundthink": {"tokens_per_s": paired["ours_tps"], "params": count_params(ours),
                         "non_embedding": hybrid_lm_non_embedding(ours)},
-        "hf": {"tokens_per_s": timed["theirs_tps"], "params": count_params(theirs),
+        "hf": {"tokens_per_s": paired["theirs_tps"], "params": count_params(theirs),
                "non_embedding": non_embedding_params(theirs, theirs.backbone.embeddings.weight,
                                                      theirs.lm_head.weight)},
-        "ratio": timed["ratio"], "pairs": timed["pairs"],
+        "ratio": paired["ratio"], "pairs": paired["pairs"],
     }
 
 
@@ -506,8 +506,8 @@ def bench_preset(preset: str, pattern: str | None, B: int, T: int, repeats: int,
         calls = capture_op_calls(model, ids[:, :-1], precision)
         res["split"] = step_split(step, calls, precision, max(repeats, profile_repeats))
         if hf_model is not None:
-            timed = side_by_side(step, hf_lm_train_step(hf_model, B, T, precision), B * T, 2 * repeats + 1)
-            res["hf_tokens_per_s"], res["ratio_vs_hf"] = timed["theirs_tps"], timed["ratio"]
+            paired = side_by_side(step, hf_lm_train_step(hf_model, B, T, precision), B * T, 2 * repeats + 1)
+            res["hf_tokens_per_s"], res["ratio_vs_hf"] = paired["theirs_tps"], paired["ratio"]
         out[precision] = res
     return out
 
