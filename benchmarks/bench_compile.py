@@ -34,8 +34,10 @@ def _child(preset: str, precision: str, B: int, T: int, steps: int, threads: int
 
     from benchmarks.bench_models import hybrid_lm_train_step, preset_model, taking_turns, timed
     from groundthink.training.assembly import compile_blocks
+    from groundthink.training.host_memory import keep_freed_memory
 
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as a training run does (trainer.keep_freed_memory)
     model, eager = preset_model(preset), preset_model(preset)
     eager.load_state_dict(model.state_dict())
     step, _ = hybrid_lm_train_step(model, B, T, precision)

@@ -86,6 +86,7 @@ from benchmarks.bench_models import (
 from groundthink.mixers import MIXERS
 from groundthink.mixers.base import SequenceMixer
 from groundthink.models import HybridLM, ModelConfig
+from groundthink.training.host_memory import keep_freed_memory
 
 PRESETS = ("small", "8m", "30m")
 QUICK_PRESETS = ("small",)
@@ -520,10 +521,11 @@ def _print_gemm(gemm: dict, repeats: int) -> None:
     print(f"  {'peak':<18} {gemm['fp32']['peak']:>9.1f} {gemm['bf16']['peak']:>9.1f}")
 
 
-def _print_presets(presets: dict, B: int, T: int, pattern: str | None) -> None:
+def _print_presets(presets: dict, B: int, T: int, pattern: str | None, kept: bool) -> None:
     with_hf = any("hf_tokens_per_s" in r[p] for r in presets.values() for p in PRECISIONS)
     print(f"\ntraining step (fwd + CE + bwd + AdamW), B={B} T={T}, vocab 264, impl chunked, "
-          f"pattern {pattern or 'of the preset'}, {torch.get_num_threads()} threads")
+          f"pattern {pattern or 'of the preset'}, {torch.get_num_threads()} threads, "
+          f"freed memory {'kept' if kept else 'given back (malloc defaults)'}")
     print("  fraction = 6 · N_non_embedding · tokens/s / GEMM peak of the step's dtype")
     head = f"  {'preset':<7} {'pattern':<7} {'N':>11} {'N_non_emb':>11} {'prec':<5} {'ktok/s':>8} {'of peak':>8}"
     print(head + (f" {'HF ktok/s':>10} {'GT/HF':>6}" if with_hf else ""))
@@ -581,11 +583,13 @@ def _print_hf(hf: dict) -> None:
 def main(quick: bool = False, presets=None, pattern: str | None = None, threads: int | None = None,
          batch_size: int | None = None, seq_len: int | None = None, repeats: int | None = None,
          hf_preset: str | None = None, gemm_shapes=None, gemm_repeats: int | None = None, hf: bool = True,
-         profile_repeats: int = PROFILE_REPEATS) -> dict:
+         profile_repeats: int = PROFILE_REPEATS, keep_memory: bool = True) -> dict:
     """Print the report and return its numbers (see the module docstring; `quick`: small shapes, one preset, one
-    repeat; each keyword overrides what `quick` chose)."""
+    repeat; each keyword overrides what `quick` chose; `keep_memory`: glibc's malloc keeps freed memory, as in a
+    training run with trainer.keep_freed_memory, its default)."""
     if threads:
         torch.set_num_threads(threads)
+    kept = keep_memory and keep_freed_memory()
     presets = tuple(presets or (QUICK_PRESETS if quick else PRESETS))
     B = batch_size or (2 if quick else 8)
     T = seq_len or (64 if quick else 256)
@@ -593,7 +597,8 @@ def main(quick: bool = False, presets=None, pattern: str | None = None, threads:
     gemm_shapes = tuple(gemm_shapes or (QUICK_GEMM_SHAPES if quick else GEMM_SHAPES))
     gemm_repeats = gemm_repeats or (2 if quick else 5)
     hf_preset = hf_preset or ("small" if quick else "8m")
-    results: dict = {"threads": torch.get_num_threads(), "B": B, "T": T, "pattern": pattern, "repeats": repeats}
+    results: dict = {"threads": torch.get_num_threads(), "B": B, "T": T, "pattern": pattern, "repeats": repeats,
+                     "keep_freed_memory": kept}
 
     results["gemm"] = gemm_peak(gemm_shapes, gemm_repeats)
     _print_gemm(results["gemm"], gemm_repeats)
@@ -603,7 +608,7 @@ def main(quick: bool = False, presets=None, pattern: str | None = None, threads:
     with quiet_transformers() if hf_modeling is not None else contextlib.nullcontext():
         results["presets"] = {name: bench_preset(name, pattern, B, T, repeats, results["gemm"], hf_modeling,
                                                  profile_repeats) for name in presets}
-        _print_presets(results["presets"], B, T, pattern)
+        _print_presets(results["presets"], B, T, pattern, kept)
         if hf_modeling is None:
             results["hf"] = None
             reason = "turned off" if not hf else "transformers is not importable"
@@ -635,12 +640,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-preset", help="preset of the whole-model transformers comparison (default 8m; quick "
                                             "small)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--malloc-default", action="store_true",
+                        help="leave glibc's malloc at its defaults (training runs keep freed memory for reuse: "
+                             "trainer.keep_freed_memory)")
 
 
 def main_from_args(args: argparse.Namespace) -> dict:
     return main(quick=args.quick, presets=args.presets, pattern=args.pattern, threads=args.threads,
                 batch_size=args.batch_size, seq_len=args.seq_len, repeats=args.repeats, hf_preset=args.hf_preset,
-                hf=not args.no_hf)
+                hf=not args.no_hf, keep_memory=not args.malloc_default)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ def main() -> dict:
         return {"ops": bench_ops.main(quick=args.quick)}
     bench_train.add_arguments(parser)
     args = parser.parse_args()
+    if not args.malloc_default:  # before any table, as in a training run (trainer.keep_freed_memory)
+        from groundthink.training.host_memory import keep_freed_memory
+
+        keep_freed_memory()
     results = {"ops": bench_ops.main(quick=args.quick)}
     print()
     results["models"] = bench_models.main(quick=args.quick)

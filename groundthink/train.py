@@ -117,7 +117,6 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
 
         start_service_early(s["logger"].wandb.mode)
     import lightning as L
-    import torch
 
     from groundthink.training.console import quiet_lightning
 
@@ -136,8 +135,7 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
     trainer_s, optim_s, logger_s = s["trainer"], s["optim"], s["logger"]
     folder = RunFolder(job.run_dir, resume=bool(cfg.resume))
     folder.write_config(OmegaConf.to_yaml(cfg, resolve=True))
-    if trainer_s.num_threads:
-        torch.set_num_threads(trainer_s.num_threads)
+    assembly.apply_host_settings(trainer_s)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     init_from = lineage.required(cfg)  # the parent (stage=sft): strict shape/vocabulary checks before any step
     parent = init_from and lineage.load_parent(init_from, s["tokenizer"], folder.tokenizer_dir, resume=folder.resume)

@@ -74,8 +74,7 @@ def prepare(cfg: DictConfig, job: Any, s: dict[str, Any]) -> SimpleNamespace:
                         "trainer.accumulate_grad_batches=1 (a larger rl.batch_size instead)")
     folder = RunFolder(job.run_dir, resume=bool(cfg.resume))
     folder.write_config(OmegaConf.to_yaml(cfg, resolve=True))
-    if trainer_s.num_threads:
-        torch.set_num_threads(trainer_s.num_threads)
+    assembly.apply_host_settings(trainer_s)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     parent = lineage.load_parent(init_from, s["tokenizer"], folder.tokenizer_dir, resume=folder.resume)
     tokenizer = parent.tokenizer

@@ -16,6 +16,18 @@ from groundthink.training.settings import (
 )
 
 
+def apply_host_settings(trainer: TrainerSettings) -> None:
+    """The process-wide CPU settings of a run: torch's thread count and what the allocator does with freed memory."""
+    import torch
+
+    from groundthink.training.host_memory import keep_freed_memory
+
+    if trainer.num_threads:
+        torch.set_num_threads(trainer.num_threads)
+    if trainer.keep_freed_memory:
+        keep_freed_memory()
+
+
 def build_loggers(folder: Any, logger: LoggerSettings, *, name: str, group: str, tags: list[str],
                   config: dict[str, Any]) -> tuple[list[Any], dict[str, Any] | None]:
     """(loggers, W&B record): metrics.csv always; W&B unless its mode resolves to "disabled". `folder` is the
