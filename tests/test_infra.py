@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import math
-import platform
 import re
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from datetime import datetime
 
 import pytest
 
-from groundthink.training import rundir, wandb_setup
+from groundthink.training import host_memory, rundir, wandb_setup
 from groundthink.training.metrics_file import read_metrics_csv
 from groundthink.training.metrics_logger import CSVMetricsLogger
 from groundthink.training.provenance import collect_provenance
@@ -371,7 +370,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.skipif(not host_memory.running_glibc(), reason="glibc's malloc only")
 def test_keeping_freed_memory_removes_the_page_faults_of_reused_memory():
     """Issue 18: with glibc's defaults, the memory a step frees goes back to the kernel (the heap's free top beyond
     twice the mmap threshold is trimmed) and faults in again, zero-filled, when the next step allocates it;
@@ -387,11 +386,21 @@ def test_keeping_freed_memory_removes_the_page_faults_of_reused_memory():
     assert kept < 100, f"{kept} page faults in ten steps with the freed memory kept (default: {default})"
 
 
+def test_keeping_freed_memory_changes_nothing_off_glibc(monkeypatch):
+    def unknown(name):  # what os.confstr does on a C library without the name (macOS, musl)
+        raise ValueError(f"unrecognized configuration name {name!r}")
+
+    monkeypatch.setattr(host_memory.os, "confstr", unknown)
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda *a: pytest.fail("the C library was called"))
+    assert host_memory.running_glibc() is False
+    assert host_memory.keep_freed_memory() is False
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_host_settings_follow_the_trainer_group(monkeypatch, keep):
     import torch
 
-    from groundthink.training import assembly, host_memory
+    from groundthink.training import assembly
     from groundthink.training.settings import TrainerSettings
 
     calls = []

@@ -14,7 +14,7 @@ musl) nothing is changed.
 from __future__ import annotations
 
 import ctypes
-import platform
+import os
 
 # mallopt parameter numbers (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -26,10 +26,18 @@ TRIM_THRESHOLD = 2**31 - 1  # the largest int mallopt takes: the heap's free top
 TOP_PAD = 64 << 20  # grow the heap in 64 MiB steps
 
 
+def running_glibc() -> bool:
+    """Whether the C library this process runs on is glibc."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError, AttributeError):  # the name is unknown off glibc; Windows has no confstr
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to keep freed memory for reuse. True when the C library took all three settings; False
     (and nothing changed) where the C library is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not running_glibc():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
