@@ -66,7 +66,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -275,9 +278,36 @@ def is_matmul_event(name: str) -> bool:
     return name in MATMUL_EVENTS or ("mkldnn" in name and any(w in name for w in ("matmul", "linear", "mm")))
 
 
+# What Kineto (the profiler's C++ side) writes to file descriptor 2 at every start and stop of a profile, at any
+# KINETO_LOG_LEVEL: `USDT:<date> <time> <pid>:<tid> SyncActivityProfilerHandler.cpp:52] profiler_start` (and
+# `STAGE:... Completed Stage: Warm Up` at lower levels). A report profiles dozens of times.
+KINETO_NOTICE = re.compile(r"^(USDT|STAGE):\S+ \S+ \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def kineto_notices_dropped():
+    """Hold back Kineto's start/stop notices (KINETO_NOTICE) written to fd 2 inside the block; every other line
+    written there (a warning, an error) is written back to fd 2 when the block ends, in order."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True)
+                    if not KINETO_NOTICE.match(line.decode(errors="replace"))]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
 def profile_once(fn: Callable[[], None]) -> tuple[float, float]:
-    """(wall ms, matmul self-CPU ms) of one call of `fn` under torch.profiler."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    """(wall ms, matmul self-CPU ms) of one call of `fn` under torch.profiler (its start/stop notices dropped)."""
+    with kineto_notices_dropped(), profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         fn()
         wall = time.perf_counter() - start

@@ -97,6 +97,25 @@ def test_matmul_events():
                                                              "MmBackward0"))
 
 
+def test_a_profile_drops_kinetos_notices_and_passes_everything_else_written_to_stderr(capfd):
+    import os
+    import sys
+
+    def step():
+        torch.ones(8) @ torch.ones(8)
+        os.write(2, b"an error from C++\n")
+        os.write(2, b"USDT:2026-12-04 13:50:07 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        print("a Python warning", file=sys.stderr)
+
+    wall_ms, _ = bench_train.profile_once(step)
+    err = capfd.readouterr().err
+    assert wall_ms > 0
+    assert sorted(err.splitlines()) == ["a Python warning", "an error from C++"]  # (Python's own stream: any order)
+    # and stderr is back where it was
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"
+
+
 def test_taking_turns_alternates_which_side_goes_first_after_a_warm_up_of_each():
     from benchmarks.bench_models import paired_speedup, taking_turns
 
