@@ -43,7 +43,7 @@ lint: setup
 gpu-check:
 	bash benchmarks/gpu_check.sh $(ARGS)
 
-## Wheels of what a bare CUDA image lacks (Python 3.12, x86_64), for `gpu_check.sh --wheels gpu-wheels` offline.
+## Wheels (and the kernels' source archives) of what a bare CUDA image lacks (Python 3.12, x86_64), for `gpu_check.sh --wheels gpu-wheels` offline.
 gpu-wheels: setup
 	rm -rf gpu-wheels && mkdir gpu-wheels
 	$(BIN)/pip wheel --quiet --no-deps -w gpu-wheels antlr4-python3-runtime==4.9.3 \
@@ -51,3 +51,6 @@ gpu-wheels: setup
 		"omegaconf==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("omegaconf"))')"
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 		--platform any -d gpu-wheels datasets dill multiprocess flash-linear-attention fla-core
+	# Source archives only on PyPI: gpu_check.sh builds them there for the GPU it finds (benchmarks/kernel_sdist.py).
+	MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE $(BIN)/pip download --quiet --no-deps \
+		--no-binary=:all: --no-build-isolation -d gpu-wheels mamba-ssm causal-conv1d

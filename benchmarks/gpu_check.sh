@@ -1,42 +1,61 @@
 #!/usr/bin/env bash
 # GroundThink's GPU check (`make gpu-check`): what to run, in one go, the first minutes a CUDA machine is available.
 #
-#   1. parity: tests/test_ops_gpu.py and the GPU tests of tests/test_gla.py — GroundThink's chunked ops against
+#   1. install: the kernels extra (or, with --wheels, what the interpreter lacks from a folder; see below).
+#   2. baseline: a short bf16 training run of each preset with model.impl=chunked (GroundThink's own torch ops on
+#      the GPU, no Triton): checks CUDA, bf16 and the training loop, and gives the numbers the kernels must beat.
+#   3. parity: tests/test_ops_gpu.py and the GPU tests of tests/test_gla.py — GroundThink's chunked ops against
 #      fla's chunk_rwkv6 / chunk_gla, mamba_ssm's mamba_chunk_scan_combined and causal_conv1d: outputs, final states
-#      and every input gradient. A kernel package that is not installed is reported as skipped (pytest's reason),
-#      never as passed.
-#   2. throughput: a short bf16 training run of each preset (default 8m and 125m) with model.impl=auto on the GPU;
-#      prints tokens/s and MFU (6 x non-embedding parameters x tokens/s over the GPU's bf16 peak) from each run's
-#      summary.json and metrics.csv.
+#      and every input gradient, one line per test with its time. A kernel package that is not installed is
+#      reported as skipped (pytest's reason), never as passed.
+#   4. throughput: the same runs with model.impl=auto (the kernels where they import), then one table of tokens/s,
+#      MFU (6 x non-embedding parameters x tokens/s over the GPU's bf16 peak), the impl each op ran as, and auto's
+#      speed over chunked.
 #
 # It stops at the first failure, naming the step. Without a CUDA device it says so and exits 0: nothing to check.
-# Meant to finish in under 5 minutes on one H100/H200 (the default step counts are sized for that).
+# Time on a fresh machine is mostly compilation, not training (H200, 16 cores, 2026-12-04): building mamba-ssm for
+# sm_90 alone took 151 s and causal-conv1d 394 s (the two at once). Triton compiles and autotunes fla's and
+# mamba_ssm's kernels on their first call for each dtype and shape (up to 27 configurations per kernel): no parity
+# test had finished after 170 s with the builds beside it, nor in 140 s more on the same machine, and 8m's first
+# bf16 step with fla took about 300 s with the builds beside it. Give a first run 20 minutes or more; a rerun on the
+# same machine reuses Triton's cache (~/.triton/cache) and the autotuning results (TRITON_CACHE_AUTOTUNING=1 is set
+# here). The torch-only baseline needs none of this and reports first.
 #
-#   benchmarks/gpu_check.sh [--python PATH] [--wheels DIR] [--steps N] [--presets "8m 125m"] [--batch B]
-#                           [--seq-len T] [--out DIR] [--skip-parity] [--skip-train] [--cpu-rehearsal]
+#   benchmarks/gpu_check.sh [--python PATH] [--wheels DIR] [--steps N] [--presets "8m 125m"] [--impls "chunked auto"]
+#                           [--batch B] [--seq-len T] [--tests EXPR] [--out DIR] [--skip-install] [--skip-parity]
+#                           [--skip-train] [--cpu-rehearsal]
 #
 #   --python   the interpreter with a CUDA build of torch (default: .venv/bin/python if it exists, else python3)
 #   --wheels   install what that interpreter lacks from this folder only (pip --no-index), e.g. on a machine with
-#              no registry: `make gpu-wheels` fills ./gpu-wheels here, carry it there
-#   --steps    training steps per preset (default 200; the first ~20 are warm-up and fall outside the window)
+#              no registry: `make gpu-wheels` fills ./gpu-wheels here, carry it there. mamba-ssm and causal-conv1d
+#              come as source archives there (PyPI has no wheels of them) and are built, at low CPU priority, for
+#              this GPU's architecture alone (benchmarks/kernel_sdist.py)
+#   --skip-install  use the interpreter as it is (the kernels installed already, or a run of --wheels before)
+#   --steps    training steps per run (default 200; the first ~20 are warm-up and fall outside the window)
+#   --impls    the model.impl of the training runs, in order (default "chunked auto"; "auto" alone skips the baseline)
+#   --tests    only the parity tests whose names match this pytest -k expression (e.g. "fla" or "not causal")
 #   --out      where the training runs go (default: a new temporary folder, kept and printed)
 #   --cpu-rehearsal  run the training and report steps on the CPU (fp32, no install, no parity): tests the script
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 die() { echo "gpu_check: $*" >&2; exit 2; }
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }
 
-PY="" WHEELS="" STEPS=200 PRESETS="8m 125m" BATCH=16 SEQ=512 OUT="" PARITY=1 TRAIN=1 REHEARSAL=0
+PY="" WHEELS="" STEPS=200 PRESETS="8m 125m" IMPLS="chunked auto" BATCH=16 SEQ=512 TESTS="" OUT=""
+INSTALL=1 PARITY=1 TRAIN=1 REHEARSAL=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) [ $# -ge 2 ] || die "--python needs a path"; PY="$2"; shift 2 ;;
     --wheels) [ $# -ge 2 ] || die "--wheels needs a folder"; WHEELS="$2"; shift 2 ;;
     --steps) [ $# -ge 2 ] || die "--steps needs a number"; STEPS="$2"; shift 2 ;;
     --presets) [ $# -ge 2 ] || die "--presets needs a list, e.g. \"8m 125m\""; PRESETS="$2"; shift 2 ;;
+    --impls) [ $# -ge 2 ] || die "--impls needs a list, e.g. \"chunked auto\""; IMPLS="$2"; shift 2 ;;
     --batch) [ $# -ge 2 ] || die "--batch needs a number"; BATCH="$2"; shift 2 ;;
     --seq-len) [ $# -ge 2 ] || die "--seq-len needs a number"; SEQ="$2"; shift 2 ;;
+    --tests) [ $# -ge 2 ] || die "--tests needs a pytest -k expression, e.g. fla"; TESTS="$2"; shift 2 ;;
     --out) [ $# -ge 2 ] || die "--out needs a folder"; OUT="$2"; shift 2 ;;
+    --skip-install) INSTALL=0; shift ;;
     --skip-parity) PARITY=0; shift ;;
     --skip-train) TRAIN=0; shift ;;
     --cpu-rehearsal) REHEARSAL=1; shift ;;
@@ -48,6 +67,13 @@ for pair in "steps:$STEPS" "batch:$BATCH" "seq-len:$SEQ"; do
   value="${pair#*:}"
   [[ "$value" =~ ^[1-9][0-9]*$ ]] || die "--${pair%%:*} must be a positive whole number, got '$value'"
 done
+[ -n "${IMPLS// /}" ] || die "--impls needs at least one impl, e.g. \"chunked auto\""
+for impl in $IMPLS; do
+  case "$impl" in
+    auto|chunked|reference|fla|mamba_ssm|causal_conv1d) ;;
+    *) die "--impls: unknown impl '$impl' (one or more of: auto chunked reference fla mamba_ssm causal_conv1d)" ;;
+  esac
+done
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
@@ -58,19 +84,22 @@ device=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cu
 TRAINER="trainer=gpu"
 if [ "$REHEARSAL" = 1 ]; then
   echo "gpu_check: CPU rehearsal (fp32 on the CPU; no install, no parity tests)"
-  device="" PARITY=0 TRAINER="trainer=default"
+  device="" PARITY=0 INSTALL=0 TRAINER="trainer=default"
 elif [ -z "$device" ]; then
   echo "gpu_check: no CUDA device visible to $PY (torch $("$PY" -c 'import torch; print(torch.__version__)'))," \
        "so there is nothing to check here. Run it on a GPU machine."
   exit 0
 fi
-step() { echo; echo "=== gpu_check: $* ==="; }
-fail() { echo "gpu_check: FAILED at: $*" >&2; exit 1; }
+# Autotuning: keep each choice for a rerun, and print each one with the seconds it took (where the time goes).
+export TRITON_CACHE_AUTOTUNING=1 TRITON_PRINT_AUTOTUNING=1 WANDB_MODE=offline
+START=$SECONDS
+step() { echo; echo "=== gpu_check [$((SECONDS - START)) s]: $* ==="; }
+fail() { echo "gpu_check: FAILED at: $* ($((SECONDS - START)) s in)" >&2; exit 1; }
+[ -n "$device" ] && echo "gpu_check: $device, torch $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
 
-if [ "$REHEARSAL" = 1 ]; then
+if [ "$INSTALL" = 0 ]; then
   :
 elif [ -n "$WHEELS" ]; then
-  echo "gpu_check: $device, torch $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
   step "install from $WHEELS"
   [ -d "$WHEELS" ] || die "--wheels $WHEELS is not a folder"
   # Each dependency the interpreter lacks, from the folder (torch and the CUDA stack are never replaced; W&B is not
@@ -90,43 +119,56 @@ for d in deps:
     "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" "$req" \
       || echo "gpu_check: $req is not in $WHEELS and not installed (its checks will be skipped or fail below)"
   done
+  # The two CUDA-extension packages: a wheel in the folder if there is one, else its source archive built for this
+  # GPU alone (pip would compile it for nine architectures); what is missing or fails to build is reported, and
+  # the parity tests that need it are then skipped with the import error as their reason.
+  arch=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability(0))")
+  for module in causal_conv1d mamba_ssm; do
+    if "$PY" -c "import $module" 2>/dev/null; then
+      echo "gpu_check: $module is installed"
+    elif wheel=$(ls "$WHEELS"/"$module"-*.whl 2>/dev/null | head -n 1) && [ -n "$wheel" ]; then
+      "$PY" -m pip install --quiet --no-index --no-deps "$wheel" || echo "gpu_check: installing $wheel failed"
+    elif sdist=$(ls "$WHEELS"/"$module"-*.tar.gz 2>/dev/null | head -n 1) && [ -n "$sdist" ]; then
+      echo "gpu_check: building $module from $(basename "$sdist") for sm_$arch ..."
+      nice -n 10 "$PY" -m benchmarks.kernel_sdist "$sdist" --arch "$arch" --python "$PY" \
+        --log "${TMPDIR:-/tmp}/build-$module.log" || echo "gpu_check: $module was not built (its tests will be skipped)"
+    else
+      echo "gpu_check: no $module wheel or source archive in $WHEELS (its parity tests will be skipped)"
+    fi
+  done
 else
-  echo "gpu_check: $device, torch $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
   step "install"
   "$PY" -m pip install --quiet -e ".[kernels]" || fail "pip install -e .[kernels] (no registry? use --wheels DIR)"
 fi
 
+train() {  # $1 = model.impl: one run of each preset
+  for preset in $PRESETS; do
+    step "train: $preset, $TRAINER, impl=$1, $STEPS steps of $BATCH x $SEQ tokens"
+    GROUNDTHINK_OUTPUT_ROOT="$OUT" "$PY" -m groundthink.train "$TRAINER" "model=$preset" "model.impl=$1" \
+      "trainer.max_steps=$STEPS" "data.batch_size=$BATCH" "data.seq_len=$SEQ" logger=csv \
+      "trainer.val_every_n_steps=$STEPS" "callbacks.checkpoint.every_n_steps=$STEPS" "name=gpu_check_${preset}_$1" \
+      callbacks.progress_bar=false diagnostics.enabled=false || fail "training $preset with impl=$1"
+  done
+}
+OUT="${OUT:-$(mktemp -d -t groundthink-gpu-check-XXXX)}"
+# The torch-only runs first: they need no kernel and no Triton compilation, so they report even when those fail.
+BASELINE="" REST=""
+for impl in $IMPLS; do
+  if [ "$impl" = chunked ] || [ "$impl" = reference ]; then BASELINE="$BASELINE $impl"; else REST="$REST $impl"; fi
+done
+if [ "$TRAIN" = 1 ]; then
+  for impl in $BASELINE; do train "$impl"; done
+fi
+
 if [ "$PARITY" = 1 ]; then
   step "parity: chunked ops vs the CUDA kernels"
-  "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_ops_gpu.py tests/test_gla.py \
-    || fail "GPU parity tests (output above)"
+  "$PY" -m pytest -v -rs --durations=5 -p no:cacheprovider -m gpu ${TESTS:+-k "$TESTS"} tests/test_ops_gpu.py \
+    tests/test_gla.py || fail "GPU parity tests (output above)"
 fi
 
 if [ "$TRAIN" = 1 ]; then
-  OUT="${OUT:-$(mktemp -d -t groundthink-gpu-check-XXXX)}"
-  for preset in $PRESETS; do
-    step "train: $preset, $TRAINER, impl=auto, $STEPS steps of $BATCH x $SEQ tokens"
-    GROUNDTHINK_OUTPUT_ROOT="$OUT" WANDB_MODE=offline "$PY" -m groundthink.train "$TRAINER" "model=$preset" \
-      model.impl=auto "trainer.max_steps=$STEPS" "data.batch_size=$BATCH" "data.seq_len=$SEQ" logger=csv \
-      "trainer.val_every_n_steps=$STEPS" "callbacks.checkpoint.every_n_steps=$STEPS" "name=gpu_check_$preset" \
-      callbacks.progress_bar=false diagnostics.enabled=false || fail "training $preset"
-  done
+  for impl in $REST; do train "$impl"; done
   step "throughput (runs under $OUT)"
-  "$PY" - "$OUT" $PRESETS <<'EOF'
-import json, sys
-from pathlib import Path
-from groundthink.training.metrics_file import read_metrics_csv
-
-out, presets = Path(sys.argv[1]), sys.argv[2:]
-print(f"{'preset':>8} {'params':>12} {'tokens/s':>12} {'MFU (last window)':>18} {'val loss':>9}")
-for preset in presets:
-    (run,) = sorted((out / f"gpu_check_{preset}").iterdir())[-1:]
-    summary = json.loads((run / "summary.json").read_text())
-    mfu = read_metrics_csv(run / "metrics.csv").get("perf/mfu", [])
-    last_mfu = f"{mfu[-1][1]:.1%}" if mfu else "n/a"
-    val = summary.get("final", {}).get("val/loss")
-    print(f"{preset:>8} {summary['num_params']:>12,} {summary['tokens_per_s']:>12,.0f} {last_mfu:>18} "
-          f"{val if val is None else round(val, 4)!s:>9}")
-EOF
+  "$PY" -m benchmarks.gpu_report "$OUT" --presets $PRESETS --impls $IMPLS || fail "the throughput table"
 fi
-echo; echo "gpu_check: done"
+echo; echo "gpu_check: done in $((SECONDS - START)) s"

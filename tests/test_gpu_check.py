@@ -26,6 +26,9 @@ def check(*args: str, root=None) -> subprocess.CompletedProcess:
     (["--batch", "0"], "--batch must be a positive whole number, got '0'"),
     (["--frobnicate"], "unknown argument '--frobnicate'"),
     (["--wheels"], "--wheels needs a folder"),
+    (["--impls", "fast"], "--impls: unknown impl 'fast'"),
+    (["--impls", " "], "--impls needs at least one impl"),
+    (["--tests"], "--tests needs a pytest -k expression"),
 ])
 def test_bad_arguments_are_named_before_anything_runs(args, message):
     proc = check(*args)
@@ -41,14 +44,34 @@ def test_without_cuda_it_says_there_is_nothing_to_check():
 
 
 @pytest.mark.slow
-def test_cpu_rehearsal_trains_and_reports_what_the_run_measured(tmp_path):
+def test_cpu_rehearsal_trains_each_impl_and_reports_what_the_runs_measured(tmp_path):
     out = tmp_path / "runs"
-    proc = check("--cpu-rehearsal", "--presets", "tiny", "--steps", "6", "--batch", "2", "--seq-len", "32",
-                 "--out", str(out), root=tmp_path)
+    proc = check("--cpu-rehearsal", "--presets", "tiny", "--impls", "auto chunked", "--steps", "6", "--batch", "2",
+                 "--seq-len", "32", "--out", str(out), root=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (run,) = (out / "gpu_check_tiny").iterdir()
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["step"] == 6
-    (row,) = [line.split() for line in proc.stdout.splitlines() if line.strip().startswith("tiny ")]
-    assert row[1] == f"{summary['num_params']:,}" and row[2] == f"{summary['tokens_per_s']:,.0f}"
-    assert proc.stdout.rstrip().endswith("gpu_check: done")
+    # The torch-only run goes first whatever the order given: it needs no kernel.
+    assert proc.stdout.index("impl=chunked, 6 steps") < proc.stdout.index("impl=auto, 6 steps")
+    rows = {}
+    for impl in ("auto", "chunked"):
+        (run,) = (out / f"gpu_check_tiny_{impl}").iterdir()
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["step"] == 6
+        (rows[impl],) = [line.split() for line in proc.stdout.splitlines() if line.split()[:2] == ["tiny", impl]]
+        assert rows[impl][2] == f"{summary['num_params']:,}" and rows[impl][3] == f"{summary['tokens_per_s']:,.0f}"
+        assert "wkv6=chunked," in rows[impl]  # on the CPU auto resolves to the torch ops
+    # Speeds are relative to the first impl listed.
+    assert rows["auto"][6] == "1.00x"
+    ratio = float(rows["chunked"][3].replace(",", "")) / float(rows["auto"][3].replace(",", ""))
+    assert abs(float(rows["chunked"][6].rstrip("x")) - ratio) < 0.02
+    assert "gpu_check: done in" in proc.stdout.splitlines()[-1]
+
+
+def test_the_report_names_a_missing_or_unfinished_run(tmp_path):
+    from benchmarks.gpu_report import table
+
+    run = tmp_path / "gpu_check_8m_chunked" / "2026-01-01_00-00-00_abcd"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"status": "failed", "num_params": 10, "tokens_per_s": 1.0}))
+    lines = table(tmp_path, ["8m"], ["chunked", "auto"])
+    assert "run failed, not completed" in lines[1]
+    assert f"no run under {tmp_path}" in lines[2]
