@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers for `make test` / `make test-fast` (tests sharing a module fixture stay on one worker).
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup train test test-fast bench lint gpu-check gpu-wheels
+.PHONY: setup train test test-fast bench lint gpu-check gpu-wheels kernel-interpret
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,18 @@ lint: setup
 ## On a CUDA machine: GPU parity tests, then bf16 throughput of 8m and 125m (benchmarks/gpu_check.sh --help).
 gpu-check:
 	bash benchmarks/gpu_check.sh $(ARGS)
+
+## Without a GPU: fla's and mamba_ssm's Triton kernels run by Triton's interpreter on the CPU against the torch ops
+## (benchmarks/kernel_interpret.py); the first run installs triton, fla-core and mamba-ssm's Python part into build/.
+KERNEL_INTERPRET := build/kernel-interpret
+$(KERNEL_INTERPRET)/.installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet --no-deps --target $(KERNEL_INTERPRET) triton==3.6.0 fla-core==0.6.0 einops
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(BIN)/pip install --quiet --no-deps --no-build-isolation --target $(KERNEL_INTERPRET) \
+		mamba-ssm==2.3.2.post1
+	touch $@
+
+kernel-interpret: $(KERNEL_INTERPRET)/.installed
+	PYTHONPATH=$(KERNEL_INTERPRET) $(BIN)/python -m benchmarks.kernel_interpret $(ARGS)
 
 ## Wheels (and the kernels' source archives) of what a bare CUDA image lacks (Python 3.12, x86_64), for `gpu_check.sh --wheels gpu-wheels` offline.
 gpu-wheels: setup

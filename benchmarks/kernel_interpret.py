@@ -1,0 +1,222 @@
+"""The GPU kernels' parity, without a GPU: fla's and mamba_ssm's Triton kernels run by Triton's interpreter on the CPU.
+
+    make kernel-interpret                      # installs triton, fla-core and mamba_ssm's Python part, then runs this
+    python -m benchmarks.kernel_interpret [--seq-lens 15 100 257] [--model tiny --model-seq-len 100]
+
+`TRITON_INTERPRET=1` makes Triton execute a kernel's Python body with numpy instead of compiling it, so the real
+`fla.ops.rwkv6.chunk_rwkv6`, `fla.ops.gla.chunk_gla` and `mamba_ssm`'s `mamba_chunk_scan_combined` (forward and
+backward kernels) run on CPU tensors. This checks what the GPU parity tests (tests/test_ops_gpu.py, test_gla.py)
+check — GroundThink's wrappers (layouts, scale, log-decay, state layout, initial-state gradients) against its
+chunked ops, outputs, final states and every input gradient, on the same shapes and tolerances — and then one
+training step (loss and every parameter gradient) of a model whose ops resolve to the kernels against the same
+model on the torch ops. It does not check GPU numerics (bf16/TF32 paths, atomics) or speed: that is
+`make gpu-check` on a CUDA machine. causal-conv1d is CUDA C++ and cannot be interpreted; the model keeps the torch
+conv.
+
+Four shims let the interpreter run these kernels on a CPU-only torch; each is confined to this process:
+  1. every autotuned kernel keeps its first configuration (the interpreter cannot benchmark; on a GPU the
+     configurations differ in speed, not in results);
+  2. a `for` loop's induction variable becomes a Triton tensor, as in compiled code (fla calls `.to()` on it; the
+     interpreter leaves it a Python int);
+  3. a one-element block converts to a Python int with numpy 2 (`int(array)` of a 1-d array is an error there);
+  4. `torch.cuda.device(...)` is a no-op and `torch.cuda.get_device_properties` answers a multiprocessor count
+     (mamba_ssm calls both around its launches), and `selective_scan_cuda` (mamba_ssm's compiled selective scan,
+     imported by its package `__init__` but not used by the SSD kernels) is an empty module.
+The dispatcher is told that the kernels may take CPU tensors (it refuses them otherwise, rightly, outside this tool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import importlib.util
+import os
+import sys
+import time
+import types
+import warnings
+
+TOLERANCE = 2e-3  # the GPU parity tests' tolerance (fp32)
+KERNEL_OF = {"wkv6": "fla", "gla": "fla", "ssd": "mamba_ssm"}  # conv's kernel is CUDA C++: it stays torch
+NEEDS = {"triton": "triton", "fla": "flash-linear-attention (fla-core)", "mamba_ssm": "mamba-ssm", "einops": "einops"}
+
+
+def missing_packages() -> list[str]:
+    # mamba_ssm is looked up without importing it (its __init__ needs the compiled selective scan).
+    return [pip for module, pip in NEEDS.items() if importlib.util.find_spec(module) is None]
+
+
+def install_shims() -> None:
+    """The four shims of the module docstring, then the dispatcher's CPU allowance. Call before importing fla."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from triton.runtime import autotuner, interpreter
+
+    first_config_init = autotuner.Autotuner.__init__
+
+    def init_with_first_config(self, fn, arg_names, configs, *args, **kwargs):
+        first_config_init(self, fn, arg_names, configs[:1], *args, **kwargs)
+
+    autotuner.Autotuner.__init__ = init_with_first_config
+
+    def visit_for(self, node):
+        self.generic_visit(node)
+        if isinstance(node.target, ast.Name):
+            name = node.target.id
+            node.body.insert(0, ast.parse(f"{name} = interpreter_semantic.to_tensor({name}, False)").body[0])
+        return node
+
+    interpreter.ASTTransformer.visit_For = visit_for
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_numpy2(tensor, scope):
+        patch_tensor(tensor, scope)
+        tensor.__index__ = lambda self: int(self.handle.data.item())
+
+    interpreter._patch_lang_tensor = patch_tensor_numpy2
+
+    torch.cuda.device = lambda *args, **kwargs: contextlib.nullcontext()
+    torch.cuda.get_device_properties = lambda *args, **kwargs: types.SimpleNamespace(multi_processor_count=132)
+    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+
+    import groundthink.mixers._common as mixers_common
+    import groundthink.ops.conv  # noqa: F401  (the op modules, each holding its own resolve_impl name)
+    import groundthink.ops.dispatch as dispatch
+    import groundthink.ops.gla  # noqa: F401
+    import groundthink.ops.ssd  # noqa: F401
+    import groundthink.ops.wkv6  # noqa: F401
+
+    resolve = dispatch.resolve_impl
+
+    def resolve_on_cpu(op, impl, device):
+        if impl == "auto" and op in KERNEL_OF:
+            return KERNEL_OF[op]
+        return impl if impl in ("fla", "mamba_ssm") else resolve(op, impl, device)
+
+    for name in ("dispatch", "conv", "gla", "ssd", "wkv6"):
+        sys.modules[f"groundthink.ops.{name}"].resolve_impl = resolve_on_cpu
+    mixers_common.resolve_impl = resolve_on_cpu
+
+
+def _grads(fn, inputs, seed=0):
+    import torch
+
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out, state = fn(*inputs)
+    g = torch.Generator().manual_seed(seed)
+    loss = (out.float() * torch.randn(out.shape, generator=g)).sum()
+    loss = loss + (state.float() * torch.randn(state.shape, generator=g)).sum()
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)  # an input a wrapper drops: a zero gradient
+    return [out, state, *(torch.zeros_like(x) if d is None else d for x, d in zip(inputs, grads))]
+
+
+def op_cases(T: int):
+    """(label, kernel impl, op, inputs, names) at the GPU tests' shapes and distributions, on the CPU."""
+    import torch
+
+    from groundthink.ops import ssd, wkv6
+    from groundthink.ops.gla import gla
+
+    g = torch.Generator().manual_seed(T)
+    B, H, K, V = 2, 2, 64, 64
+    r, k = (torch.randn(B, T, H, K, generator=g) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=g)
+    log_w = -torch.exp(torch.randn(B, T, H, K, generator=g) - 1)
+    u, s0 = torch.randn(H, K, generator=g), torch.randn(B, H, K, V, generator=g)
+    yield ("wkv6 vs fla chunk_rwkv6", wkv6, {"impl": "fla"}, {"impl": "chunked"}, [r, k, v, log_w, u, s0],
+           ["o", "state", "dr", "dk", "dv", "dlog_w", "du", "dinitial_state"])
+    g = torch.Generator().manual_seed(T)
+    B, H, P, G, N = 2, 4, 64, 2, 64
+    x = torch.randn(B, T, H, P, generator=g)
+    dt = torch.nn.functional.softplus(torch.randn(B, T, H, generator=g))
+    A = -(0.1 + 3 * torch.rand(H, generator=g))
+    Bm, Cm = (torch.randn(B, T, G, N, generator=g) for _ in range(2))
+    h0 = torch.randn(B, H, P, N, generator=g)
+    yield ("ssd vs mamba_ssm SSD", ssd, {"impl": "mamba_ssm", "chunk_size": 64}, {"impl": "chunked"},
+           [x, dt, A, Bm, Cm, h0], ["y", "state", "dx", "ddt", "dA", "dB", "dC", "dinitial_state"])
+    from tests.test_gla import _inputs  # the GLA GPU test's own inputs
+
+    yield ("gla vs fla chunk_gla", gla, {"impl": "fla"}, {"impl": "chunked"}, _inputs(2, T, 4, 64, 64, torch.float32),
+           ["o", "state", "dq", "dk", "dv", "dlog_g", "dinitial_state"])
+
+
+def check_ops(seq_lens: list[int]) -> bool:
+    from tests._numerics import rel_err
+
+    ok = True
+    for T in seq_lens:
+        for label, op, kernel, torch_path, inputs, names in op_cases(T):
+            start = time.perf_counter()
+            actual = _grads(lambda *a, op=op, kw=kernel: op(*a, **kw), inputs)
+            expected = _grads(lambda *a, op=op, kw=torch_path: op(*a, **kw), inputs)
+            errs = [rel_err(a, e) for a, e in zip(actual, expected)]
+            worst = max(errs)
+            ok &= worst <= TOLERANCE
+            print(f"  {label:26s} T={T:<4d} worst rel err {worst:.1e} ({names[errs.index(worst)]:>14s})  "
+                  f"{'ok' if worst <= TOLERANCE else 'FAILED'}  ({time.perf_counter() - start:.0f} s)", flush=True)
+    return ok
+
+
+def check_model(name: str, T: int) -> bool:
+    """One training step off the init (so that the mixers' zero-initialised outputs reach the loss), both ways."""
+    import torch
+
+    from groundthink.models import HybridLM
+    from groundthink.models.presets import preset
+    from tests._numerics import rel_err
+
+    result = {}
+    for impl in ("chunked", "auto"):
+        torch.manual_seed(0)
+        model = HybridLM(preset(name, vocab_size=512, impl=impl))
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        tokens = torch.randint(0, 512, (2, T + 1), generator=torch.Generator().manual_seed(1))
+        start = time.perf_counter()
+        logits, _ = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        result[impl] = (loss.item(), grads, model.impls(), time.perf_counter() - start)
+    (loss_t, grads_t, impls_t, _), (loss_k, grads_k, impls_k, seconds) = result["chunked"], result["auto"]
+    errs = sorted(((rel_err(grads_k[n], g), n) for n, g in grads_t.items()), reverse=True)
+    ok = errs[0][0] <= TOLERANCE and abs(loss_k - loss_t) <= TOLERANCE * abs(loss_t)
+    print(f"  model {name}, one step of 2 x {T} tokens, ops {impls_k} vs {impls_t} ({seconds:.0f} s):\n"
+          f"    loss {loss_k:.7f} vs {loss_t:.7f}; {len(errs)} parameter gradients, worst rel err {errs[0][0]:.1e} "
+          f"({errs[0][1]}), median {errs[len(errs) // 2][0]:.1e}  {'ok' if ok else 'FAILED'}", flush=True)
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-lens", type=int, nargs="*", default=[15, 100, 257],
+                        help="sequence lengths of the op checks (the GPU tests': 15 100 257); none to skip them")
+    parser.add_argument("--model", default="tiny", help="preset of the model step ('none' to skip it)")
+    parser.add_argument("--model-seq-len", type=int, default=100)
+    args = parser.parse_args(argv)
+    if any(T < 1 for T in args.seq_lens) or args.model_seq_len < 1:
+        parser.error("sequence lengths must be positive")
+    missing = missing_packages()
+    if missing:
+        print(f"kernel_interpret: needs {', '.join(missing)} installed; `make kernel-interpret` installs them "
+              "(triton, fla-core, einops and mamba-ssm's Python part) into build/kernel-interpret and runs this",
+              file=sys.stderr)
+        return 2
+    install_shims()
+    # fla says, rightly, that it is not on a GPU; here that is the point.
+    warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+    print("Triton kernels interpreted on the CPU (fp32, first autotune configuration) vs GroundThink's torch ops; "
+          f"tolerance {TOLERANCE:.0e} relative", flush=True)
+    ok = check_ops(args.seq_lens)
+    if args.model != "none":
+        ok &= check_model(args.model, args.model_seq_len)
+    print("kernel_interpret: " + ("all within tolerance" if ok else "FAILED (see above)"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
