@@ -53,12 +53,18 @@ def test_an_architecture_or_layout_it_cannot_handle_is_an_error_that_says_so(tex
         keep_one_arch(text, arch)
 
 
-def test_the_command_line_names_a_wrong_archive_or_arch(tmp_path, capsys):
-    other = tmp_path / "numpy-2.0.tar.gz"
-    with tarfile.open(other, "w:gz") as tar:
-        info = tarfile.TarInfo("numpy-2.0/setup.py")
+def source_archive(folder, name: str):
+    """folder/name.tar.gz holding name/setup.py (SETUP), as a package's source archive does."""
+    archive = folder / f"{name}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo(f"{name}/setup.py")
         info.size = len(SETUP)
         tar.addfile(info, io.BytesIO(SETUP.encode()))
+    return archive
+
+
+def test_the_command_line_names_a_wrong_archive_or_arch(tmp_path, capsys):
+    other = source_archive(tmp_path, "numpy-2.0")
     assert main([str(other), "--arch", "90"]) == 1
     assert "expected a mamba_ssm-*.tar.gz or causal_conv1d-*.tar.gz" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
@@ -67,10 +73,6 @@ def test_the_command_line_names_a_wrong_archive_or_arch(tmp_path, capsys):
 
 
 def test_an_archive_whose_setup_builds_other_gpus_fails_before_anything_is_installed(tmp_path, capsys):
-    archive = tmp_path / "mamba_ssm-9.9.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        info = tarfile.TarInfo("mamba_ssm-9.9/setup.py")
-        info.size = len(SETUP)
-        tar.addfile(info, io.BytesIO(SETUP.encode()))
+    archive = source_archive(tmp_path, "mamba_ssm-9.9")
     assert main([str(archive), "--arch", "75", "--python", "/nonexistent/python"]) == 1
     assert "not for this GPU's sm_75" in capsys.readouterr().err
