@@ -7,7 +7,9 @@
 #   3. parity: tests/test_ops_gpu.py and the GPU tests of tests/test_gla.py — GroundThink's chunked ops against
 #      fla's chunk_rwkv6 / chunk_gla, mamba_ssm's mamba_chunk_scan_combined and causal_conv1d: outputs, final states
 #      and every input gradient, one line per test with its time. A kernel package that is not installed is
-#      reported as skipped (pytest's reason), never as passed.
+#      reported as skipped (pytest's reason), never as passed. Each autotuned Triton kernel runs its first working
+#      configuration here rather than compiling all of them (benchmarks/triton_first_config.py; --parity-autotune
+#      tunes in full): parity holds for every configuration, and the compilations are the slow part.
 #   4. throughput: the same runs with model.impl=auto (the kernels where they import), then one table of tokens/s,
 #      MFU (6 x non-embedding parameters x tokens/s over the GPU's bf16 peak), the impl each op ran as, and auto's
 #      speed over chunked.
@@ -23,7 +25,7 @@
 #
 #   benchmarks/gpu_check.sh [--python PATH] [--wheels DIR] [--steps N] [--presets "8m 125m"] [--impls "chunked auto"]
 #                           [--batch B] [--seq-len T] [--tests EXPR] [--out DIR] [--skip-install] [--skip-parity]
-#                           [--skip-train] [--cpu-rehearsal]
+#                           [--skip-train] [--parity-autotune] [--cpu-rehearsal]
 #
 #   --python   the interpreter with a CUDA build of torch (default: .venv/bin/python if it exists, else python3)
 #   --wheels   install what that interpreter lacks from this folder only (pip --no-index), e.g. on a machine with
@@ -34,6 +36,7 @@
 #   --steps    training steps per run (default 200; the first ~20 are warm-up and fall outside the window)
 #   --impls    the model.impl of the training runs, in order (default "chunked auto"; "auto" alone skips the baseline)
 #   --tests    only the parity tests whose names match this pytest -k expression (e.g. "fla" or "not causal")
+#   --parity-autotune  the parity tests autotune every kernel in full (slower on a fresh machine)
 #   --out      where the training runs go (default: a new temporary folder, kept and printed)
 #   --cpu-rehearsal  run the training and report steps on the CPU (fp32, no install, no parity): tests the script
 set -euo pipefail
@@ -43,7 +46,7 @@ die() { echo "gpu_check: $*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }
 
 PY="" WHEELS="" STEPS=200 PRESETS="8m 125m" IMPLS="chunked auto" BATCH=16 SEQ=512 TESTS="" OUT=""
-INSTALL=1 PARITY=1 TRAIN=1 REHEARSAL=0
+INSTALL=1 PARITY=1 TRAIN=1 REHEARSAL=0 FIRST_CONFIG=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) [ $# -ge 2 ] || die "--python needs a path"; PY="$2"; shift 2 ;;
@@ -58,6 +61,7 @@ while [ $# -gt 0 ]; do
     --skip-install) INSTALL=0; shift ;;
     --skip-parity) PARITY=0; shift ;;
     --skip-train) TRAIN=0; shift ;;
+    --parity-autotune) FIRST_CONFIG=0; shift ;;
     --cpu-rehearsal) REHEARSAL=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
@@ -162,8 +166,12 @@ fi
 
 if [ "$PARITY" = 1 ]; then
   step "parity: chunked ops vs the CUDA kernels"
-  "$PY" -m pytest -v -rs --durations=5 -p no:cacheprovider -m gpu ${TESTS:+-k "$TESTS"} tests/test_ops_gpu.py \
-    tests/test_gla.py || fail "GPU parity tests (output above)"
+  # First-configuration mode must not leave its choices in the autotuning caches the training runs then read.
+  plugin=() parity_env=()
+  [ "$FIRST_CONFIG" = 1 ] && plugin=(-p benchmarks.triton_first_config) \
+    parity_env=(TRITON_CACHE_AUTOTUNING=0 FLA_CACHE_RESULTS=0)
+  env "${parity_env[@]}" "$PY" -m pytest -v -rs --durations=5 -p no:cacheprovider "${plugin[@]}" -m gpu \
+    ${TESTS:+-k "$TESTS"} tests/test_ops_gpu.py tests/test_gla.py || fail "GPU parity tests (output above)"
 fi
 
 if [ "$TRAIN" = 1 ]; then

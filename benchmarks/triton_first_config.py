@@ -1,0 +1,76 @@
+"""A pytest plugin for the parity stage of `gpu_check.sh`: each autotuned Triton kernel runs the first of its
+configurations that works, instead of compiling and timing every one.
+
+    python -m pytest -p benchmarks.triton_first_config -m gpu tests/test_ops_gpu.py ...
+
+fla and mamba_ssm autotune their kernels over up to 27 configurations (block sizes, warps, pipeline stages) on the
+first call for each shape and dtype; each configuration is a separate compilation, and on a fresh machine that is
+where a parity run's minutes go (gpu_check.sh's header has the H200 numbers). Every configuration computes the same
+function (they differ in speed and in summation order), so parity needs one: the configurations are tried in their
+listed order and the first that compiles and runs (finite time) is used; one that fails with out-of-resources or a
+compile-time assertion is skipped, as the autotuner itself skips it. Speed is not measured in this mode: the
+training runs of gpu_check.sh autotune in full, and since the choice made here is not the tuned one, this stage
+does not write Triton's or fla's autotuning caches (gpu_check.sh sets TRITON_CACHE_AUTOTUNING=0 and
+FLA_CACHE_RESULTS=0 for it).
+
+Without triton (a CPU machine) the plugin does nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+
+class FirstWorking:
+    """`configs` in order, ended after the first one whose timing (`owner.last_timing`, set by the timing call
+    between two steps of the iteration) is finite. Re-iterable: each iteration starts again from the first."""
+
+    def __init__(self, configs: Iterable, owner) -> None:
+        self.configs = list(configs)
+        self.owner = owner
+
+    def __iter__(self) -> Iterator:
+        for config in self.configs:
+            self.owner.last_timing = None
+            yield config
+            timing = self.owner.last_timing
+            if timing is not None and math.isfinite(timing[0]):
+                return
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+
+def install() -> bool:
+    """Patch triton's Autotuner (class-wide, this process); False when triton is not installed."""
+    try:
+        from triton.runtime import autotuner
+    except ImportError:
+        return False
+    prune, bench = autotuner.Autotuner.prune_configs, autotuner.Autotuner._bench
+
+    def prune_configs(self, kwargs):
+        return FirstWorking(prune(self, kwargs), self)
+
+    def timed(self, *args, config, **meta):
+        self.last_timing = bench(self, *args, config=config, **meta)
+        return self.last_timing
+
+    autotuner.Autotuner.prune_configs = prune_configs
+    autotuner.Autotuner._bench = timed
+    return True
+
+
+_installed = False
+
+
+def pytest_configure(config) -> None:
+    global _installed
+    _installed = install()
+
+
+def pytest_report_header(config) -> str | None:
+    if _installed:
+        return "triton autotuning: the first working configuration of each kernel (benchmarks.triton_first_config)"
+    return None
