@@ -31,7 +31,8 @@
 #   --wheels   install what that interpreter lacks from this folder only (pip --no-index), e.g. on a machine with
 #              no registry: `make gpu-wheels` fills ./gpu-wheels here, carry it there. mamba-ssm and causal-conv1d
 #              come as source archives there (PyPI has no wheels of them) and are built, at low CPU priority, for
-#              this GPU's architecture alone (benchmarks/kernel_sdist.py)
+#              this GPU's architecture alone (benchmarks/kernel_sdist.py), in the background while the torch-only
+#              runs train; the parity tests wait for them
 #   --skip-install  use the interpreter as it is (the kernels installed already, or a run of --wheels before)
 #   --steps    training steps per run (default 200; the first ~20 are warm-up and fall outside the window)
 #   --impls    the model.impl of the training runs, in order (default "chunked auto"; "auto" alone skips the baseline)
@@ -46,7 +47,7 @@ die() { echo "gpu_check: $*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }
 
 PY="" WHEELS="" STEPS=200 PRESETS="8m 125m" IMPLS="chunked auto" BATCH=16 SEQ=512 TESTS="" OUT=""
-INSTALL=1 PARITY=1 TRAIN=1 REHEARSAL=0 FIRST_CONFIG=1
+INSTALL=1 PARITY=1 TRAIN=1 REHEARSAL=0 FIRST_CONFIG=1 BUILDS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) [ $# -ge 2 ] || die "--python needs a path"; PY="$2"; shift 2 ;;
@@ -98,7 +99,12 @@ fi
 export TRITON_CACHE_AUTOTUNING=1 TRITON_PRINT_AUTOTUNING=1 WANDB_MODE=offline
 START=$SECONDS
 step() { echo; echo "=== gpu_check [$((SECONDS - START)) s]: $* ==="; }
-fail() { echo "gpu_check: FAILED at: $* ($((SECONDS - START)) s in)" >&2; exit 1; }
+fail() {
+  echo "gpu_check: FAILED at: $* ($((SECONDS - START)) s in)" >&2
+  for build in "${BUILDS[@]}"; do echo "gpu_check: still building in the background: ${build%%:*} (pid $(
+    cut -d: -f2 <<<"$build"))" >&2; done
+  exit 1
+}
 [ -n "$device" ] && echo "gpu_check: $device, torch $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
 
 if [ "$INSTALL" = 0 ]; then
@@ -133,9 +139,11 @@ for d in deps:
     elif wheel=$(ls "$WHEELS"/"$module"-*.whl 2>/dev/null | head -n 1) && [ -n "$wheel" ]; then
       "$PY" -m pip install --quiet --no-index --no-deps "$wheel" || echo "gpu_check: installing $wheel failed"
     elif sdist=$(ls "$WHEELS"/"$module"-*.tar.gz 2>/dev/null | head -n 1) && [ -n "$sdist" ]; then
-      echo "gpu_check: building $module from $(basename "$sdist") for sm_$arch ..."
-      nice -n 10 "$PY" -m benchmarks.kernel_sdist "$sdist" --arch "$arch" --python "$PY" \
-        --log "${TMPDIR:-/tmp}/build-$module.log" || echo "gpu_check: $module was not built (its tests will be skipped)"
+      log="${TMPDIR:-/tmp}/build-$module.log"
+      echo "gpu_check: building $module from $(basename "$sdist") for sm_$arch in the background (log: $log)"
+      nice -n 10 "$PY" -m benchmarks.kernel_sdist "$sdist" --arch "$arch" --python "$PY" --log "$log" \
+        >"$log.result" 2>&1 &
+      BUILDS+=("$module:$!:$log.result")
     else
       echo "gpu_check: no $module wheel or source archive in $WHEELS (its parity tests will be skipped)"
     fi
@@ -144,6 +152,18 @@ else
   step "install"
   "$PY" -m pip install --quiet -e ".[kernels]" || fail "pip install -e .[kernels] (no registry? use --wheels DIR)"
 fi
+
+wait_for_builds() {  # each background build's own last line; one that failed is reported, not fatal
+  [ ${#BUILDS[@]} -gt 0 ] || return 0
+  step "waiting for the kernel builds"
+  for build in "${BUILDS[@]}"; do
+    IFS=: read -r module pid result <<<"$build"
+    if wait "$pid"; then tail -n 1 "$result"; else
+      cat "$result"; echo "gpu_check: $module was not built (the parity tests that need it will be skipped)"
+    fi
+  done
+  BUILDS=()
+}
 
 train() {  # $1 = model.impl: one run of each preset
   for preset in $PRESETS; do
@@ -164,6 +184,7 @@ if [ "$TRAIN" = 1 ]; then
   for impl in $BASELINE; do train "$impl"; done
 fi
 
+wait_for_builds
 if [ "$PARITY" = 1 ]; then
   step "parity: chunked ops vs the CUDA kernels"
   # First-configuration mode must not leave its choices in the autotuning caches the training runs then read.
