@@ -73,17 +73,17 @@ for pair in "steps:$STEPS" "batch:$BATCH" "seq-len:$SEQ"; do
   [[ "$value" =~ ^[1-9][0-9]*$ ]] || die "--${pair%%:*} must be a positive whole number, got '$value'"
 done
 [ -n "${IMPLS// /}" ] || die "--impls needs at least one impl, e.g. \"chunked auto\""
-for impl in $IMPLS; do
-  case "$impl" in
-    auto|chunked|reference|fla|mamba_ssm|causal_conv1d) ;;
-    *) die "--impls: unknown impl '$impl' (one or more of: auto chunked reference fla mamba_ssm causal_conv1d)" ;;
-  esac
-done
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 command -v "$PY" >/dev/null 2>&1 || die "python '$PY' not found (pass --python PATH)"
 "$PY" -c "import torch" 2>/dev/null || die "'$PY' cannot import torch: install a CUDA build of torch there first"
+# The values model.impl takes, from the op registry (groundthink.ops.model_impls), not a copy of it.
+allowed=$("$PY" -c "from groundthink.ops import model_impls; print(' '.join(model_impls()))") \
+  || die "'$PY' cannot import groundthink.ops (output above)"
+for impl in $IMPLS; do
+  [[ " $allowed " == *" $impl "* ]] || die "--impls: unknown impl '$impl' (one or more of: $allowed)"
+done
 
 device=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')")
 TRAINER="trainer=gpu"

@@ -27,6 +27,7 @@ def check(*args: str, root=None) -> subprocess.CompletedProcess:
     (["--frobnicate"], "unknown argument '--frobnicate'"),
     (["--wheels"], "--wheels needs a folder"),
     (["--impls", "fast"], "--impls: unknown impl 'fast'"),
+    (["--impls", "auto causal_conv1d"], "--impls: unknown impl 'causal_conv1d'"),  # an op's kernel, not a model's
     (["--impls", " "], "--impls needs at least one impl"),
     (["--tests"], "--tests needs a pytest -k expression"),
 ])
