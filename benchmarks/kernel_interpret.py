@@ -57,7 +57,7 @@ def missing_packages() -> list[str]:
 
 
 def install_shims() -> None:
-    """The four shims of the module docstring, then the dispatcher's CPU allowance. Call before importing fla."""
+    """The five shims of the module docstring, then the dispatcher's CPU allowance. Call before importing fla."""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from triton.runtime import autotuner, interpreter
@@ -143,33 +143,20 @@ def _grads(fn, inputs, seed=0):
 
 
 def op_cases(T: int):
-    """(label, kernel impl, op, inputs, names) at the GPU tests' shapes and distributions, on the CPU."""
+    """(label, op, kernel kwargs, torch kwargs, inputs, names): the GPU parity tests' own cases, on the CPU."""
     import torch
 
     from groundthink.ops import ssd, wkv6
     from groundthink.ops.gla import gla
+    from tests.test_gla import NAMES as GLA_NAMES
+    from tests.test_gla import _inputs as gla_inputs
+    from tests.test_ops_gpu import SSD_NAMES, WKV6_NAMES, ssd_inputs, wkv6_inputs
 
-    g = torch.Generator().manual_seed(T)
-    B, H, K, V = 2, 2, 64, 64
-    r, k = (torch.randn(B, T, H, K, generator=g) for _ in range(2))
-    v = torch.randn(B, T, H, V, generator=g)
-    log_w = -torch.exp(torch.randn(B, T, H, K, generator=g) - 1)
-    u, s0 = torch.randn(H, K, generator=g), torch.randn(B, H, K, V, generator=g)
-    yield ("wkv6 vs fla chunk_rwkv6", wkv6, {"impl": "fla"}, {"impl": "chunked"}, [r, k, v, log_w, u, s0],
-           ["o", "state", "dr", "dk", "dv", "dlog_w", "du", "dinitial_state"])
-    g = torch.Generator().manual_seed(T)
-    B, H, P, G, N = 2, 4, 64, 2, 64
-    x = torch.randn(B, T, H, P, generator=g)
-    dt = torch.nn.functional.softplus(torch.randn(B, T, H, generator=g))
-    A = -(0.1 + 3 * torch.rand(H, generator=g))
-    Bm, Cm = (torch.randn(B, T, G, N, generator=g) for _ in range(2))
-    h0 = torch.randn(B, H, P, N, generator=g)
+    yield ("wkv6 vs fla chunk_rwkv6", wkv6, {"impl": "fla"}, {"impl": "chunked"}, wkv6_inputs(T, "cpu"), WKV6_NAMES)
     yield ("ssd vs mamba_ssm SSD", ssd, {"impl": "mamba_ssm", "chunk_size": 64}, {"impl": "chunked"},
-           [x, dt, A, Bm, Cm, h0], ["y", "state", "dx", "ddt", "dA", "dB", "dC", "dinitial_state"])
-    from tests.test_gla import _inputs  # the GLA GPU test's own inputs
-
-    yield ("gla vs fla chunk_gla", gla, {"impl": "fla"}, {"impl": "chunked"}, _inputs(2, T, 4, 64, 64, torch.float32),
-           ["o", "state", "dq", "dk", "dv", "dlog_g", "dinitial_state"])
+           ssd_inputs(T, "cpu"), SSD_NAMES)
+    yield ("gla vs fla chunk_gla", gla, {"impl": "fla"}, {"impl": "chunked"},
+           gla_inputs(2, T, 4, 64, 64, torch.float32), GLA_NAMES)
 
 
 def check_ops(seq_lens: list[int], bf16: bool) -> bool:

@@ -34,38 +34,52 @@ def _assert_close(actual, expected, tol, names):
         assert err <= tol, f"{name}: rel err {err:.2e} > {tol:.0e}"
 
 
+WKV6_NAMES = ["o", "state", "dr", "dk", "dv", "dlog_w", "du", "dinitial_state"]
+SSD_NAMES = ["y", "state", "dx", "ddt", "dA", "dB", "dC", "dinitial_state"]
+
+
+def wkv6_inputs(T: int, device: str) -> list[torch.Tensor]:
+    """r, k, v, log_w, u, initial state of the fla parity test (benchmarks/kernel_interpret.py uses them on CPU)."""
+    g = torch.Generator(device=device).manual_seed(T)
+    B, H, K, V = 2, 2, 64, 64
+    r, k = (torch.randn(B, T, H, K, device=device, generator=g) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=device, generator=g)
+    log_w = -torch.exp(torch.randn(B, T, H, K, device=device, generator=g) - 1)
+    u = torch.randn(H, K, device=device, generator=g)
+    s0 = torch.randn(B, H, K, V, device=device, generator=g)
+    return [r, k, v, log_w, u, s0]
+
+
+def ssd_inputs(T: int, device: str) -> list[torch.Tensor]:
+    """x, dt, A, B, C, initial state of the mamba_ssm parity test."""
+    g = torch.Generator(device=device).manual_seed(T)
+    B, H, P, G, N = 2, 4, 64, 2, 64
+    x = torch.randn(B, T, H, P, device=device, generator=g)
+    dt = torch.nn.functional.softplus(torch.randn(B, T, H, device=device, generator=g))
+    A = -(0.1 + 3 * torch.rand(H, device=device, generator=g))
+    Bm, Cm = (torch.randn(B, T, G, N, device=device, generator=g) for _ in range(2))
+    h0 = torch.randn(B, H, P, N, device=device, generator=g)
+    return [x, dt, A, Bm, Cm, h0]
+
+
 @pytest.mark.gpu
 @_needs("fla.ops.rwkv6")
 @pytest.mark.parametrize("T", [15, 100, 257])
 def test_fla_matches_chunked(T):
-    g = torch.Generator(device="cuda").manual_seed(T)
-    B, H, K, V = 2, 2, 64, 64
-    r, k = (torch.randn(B, T, H, K, device="cuda", generator=g) for _ in range(2))
-    v = torch.randn(B, T, H, V, device="cuda", generator=g)
-    log_w = -torch.exp(torch.randn(B, T, H, K, device="cuda", generator=g) - 1)
-    u = torch.randn(H, K, device="cuda", generator=g)
-    s0 = torch.randn(B, H, K, V, device="cuda", generator=g)
-    inputs = [r, k, v, log_w, u, s0]
+    inputs = wkv6_inputs(T, "cuda")
     expected = _grads(lambda *a: wkv6(*a, impl="chunked"), inputs)
     actual = _grads(lambda *a: wkv6(*a, impl="fla"), inputs)
-    _assert_close(actual, expected, 2e-3, ["o", "state", "dr", "dk", "dv", "dlog_w", "du", "dinitial_state"])
+    _assert_close(actual, expected, 2e-3, WKV6_NAMES)
 
 
 @pytest.mark.gpu
 @_needs("mamba_ssm.ops.triton.ssd_combined")
 @pytest.mark.parametrize("T", [15, 100, 257])
 def test_mamba_ssm_matches_chunked(T):
-    g = torch.Generator(device="cuda").manual_seed(T)
-    B, H, P, G, N = 2, 4, 64, 2, 64
-    x = torch.randn(B, T, H, P, device="cuda", generator=g)
-    dt = torch.nn.functional.softplus(torch.randn(B, T, H, device="cuda", generator=g))
-    A = -(0.1 + 3 * torch.rand(H, device="cuda", generator=g))
-    Bm, Cm = (torch.randn(B, T, G, N, device="cuda", generator=g) for _ in range(2))
-    h0 = torch.randn(B, H, P, N, device="cuda", generator=g)
-    inputs = [x, dt, A, Bm, Cm, h0]
+    inputs = ssd_inputs(T, "cuda")
     expected = _grads(lambda *a: ssd(*a, impl="chunked"), inputs)
     actual = _grads(lambda *a: ssd(*a, impl="mamba_ssm", chunk_size=64), inputs)
-    _assert_close(actual, expected, 2e-3, ["y", "state", "dx", "ddt", "dA", "dB", "dC", "dinitial_state"])
+    _assert_close(actual, expected, 2e-3, SSD_NAMES)
 
 
 @pytest.mark.gpu
