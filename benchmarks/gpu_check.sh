@@ -7,25 +7,32 @@
 #   3. parity: tests/test_ops_gpu.py and the GPU tests of tests/test_gla.py — GroundThink's chunked ops against
 #      fla's chunk_rwkv6 / chunk_gla, mamba_ssm's mamba_chunk_scan_combined and causal_conv1d: outputs, final states
 #      and every input gradient, one line per test with its time. A kernel package that is not installed is
-#      reported as skipped (pytest's reason), never as passed. Each autotuned Triton kernel runs its first working
-#      configuration here rather than compiling all of them (benchmarks/triton_first_config.py; --parity-autotune
-#      tunes in full): parity holds for every configuration, and the compilations are the slow part.
-#   4. throughput: the same runs with model.impl=auto (the kernels where they import), then one table of tokens/s,
-#      MFU (6 x non-embedding parameters x tokens/s over the GPU's bf16 peak), the impl each op ran as, and auto's
-#      speed over chunked.
+#      reported as skipped (pytest's reason), never as passed. fp32 dots run in IEEE fp32 there
+#      (TRITON_F32_DEFAULT=ieee, set by the tests): TF32's 10-bit mantissa alone would use up the tolerance. The
+#      tests that need no background build (below) run while it builds; the rest wait for it.
+#   4. throughput: the same runs with model.impl=auto (the kernels where they import), then one table of tokens/s
+#      and MFU (6 x non-embedding parameters x tokens/s over the GPU's bf16 peak) after the first 20 steps, seconds
+#      to the first step (compilation), the impl each op ran as, and auto's speed over chunked.
+#
+# Each autotuned Triton kernel runs at its first working configuration, in the parity tests and in the training
+# runs (benchmarks/triton_first_config.py), rather than compiling and timing all of them: parity holds for every
+# configuration, and the compilations are the slow part. The auto rows are then the speed of untuned kernels, a
+# lower bound; --autotune tunes in full (give it the time below) and caches each choice for a rerun.
 #
 # It stops at the first failure, naming the step. Without a CUDA device it says so and exits 0: nothing to check.
-# Time on a fresh machine is mostly compilation, not training (H200, 16 cores, 2026-12-04): building mamba-ssm for
-# sm_90 alone took 151 s and causal-conv1d 394 s (the two at once). Triton compiles and autotunes fla's and
-# mamba_ssm's kernels on their first call for each dtype and shape (up to 27 configurations per kernel): no parity
-# test had finished after 170 s with the builds beside it, nor in 140 s more on the same machine, and 8m's first
-# bf16 step with fla took about 300 s with the builds beside it. Give a first run 20 minutes or more; a rerun on the
-# same machine reuses Triton's cache (~/.triton/cache) and the autotuning results (TRITON_CACHE_AUTOTUNING=1 is set
-# here). The torch-only baseline needs none of this and reports first.
+# Time on a fresh machine is mostly compilation, not training (one H200, 16 cores; two sessions, 2026-12-04):
+# building mamba-ssm for sm_90 alone takes 151-225 s (causal-conv1d took 394 s beside it). At the first working
+# configuration, fla's six parity tests (wkv6, GLA) took 65-104 s, nearly all of it each kernel's first compilation;
+# mamba_ssm's first test passed and its second was still compiling 130 s after they started (Triton specialises
+# integer arguments, so each sequence length compiles its own kernels). With full autotuning (up to 27
+# configurations per kernel) no parity test had finished after 310 s, and 8m's first bf16 step with fla took about
+# 300 s. The torch-only runs need none of this: 8m's and 125m's first bf16 steps came 43 and 51 s after the command.
+# With --autotune give a first run 20 minutes or more; a rerun on the same machine reuses Triton's cache
+# (~/.triton/cache) and the autotuning results (TRITON_CACHE_AUTOTUNING=1 is set then).
 #
 #   benchmarks/gpu_check.sh [--python PATH] [--wheels DIR] [--steps N] [--presets "8m 125m"] [--impls "chunked auto"]
 #                           [--batch B] [--seq-len T] [--tests EXPR] [--out DIR] [--skip-install] [--skip-parity]
-#                           [--skip-train] [--parity-autotune] [--cpu-rehearsal]
+#                           [--skip-train] [--autotune] [--cpu-rehearsal]
 #
 #   --python   the interpreter with a CUDA build of torch (default: .venv/bin/python if it exists, else python3)
 #   --wheels   install what that interpreter lacks from this folder only (pip --no-index), e.g. on a machine with
@@ -37,7 +44,8 @@
 #   --steps    training steps per run (default 200; the first ~20 are warm-up and fall outside the window)
 #   --impls    the model.impl of the training runs, in order (default "chunked auto"; "auto" alone skips the baseline)
 #   --tests    only the parity tests whose names match this pytest -k expression (e.g. "fla" or "not causal")
-#   --parity-autotune  the parity tests autotune every kernel in full (slower on a fresh machine)
+#   --autotune the parity tests and training runs autotune every Triton kernel in full (far slower on a fresh
+#              machine; the tuned speed)
 #   --out      where the training runs go (default: a new temporary folder, kept and printed)
 #   --cpu-rehearsal  run the training and report steps on the CPU (fp32, no install, no parity): tests the script
 set -euo pipefail
@@ -62,7 +70,7 @@ while [ $# -gt 0 ]; do
     --skip-install) INSTALL=0; shift ;;
     --skip-parity) PARITY=0; shift ;;
     --skip-train) TRAIN=0; shift ;;
-    --parity-autotune) FIRST_CONFIG=0; shift ;;
+    --autotune) FIRST_CONFIG=0; shift ;;
     --cpu-rehearsal) REHEARSAL=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
@@ -95,14 +103,25 @@ elif [ -z "$device" ]; then
        "so there is nothing to check here. Run it on a GPU machine."
   exit 0
 fi
-# Autotuning: keep each choice for a rerun, and print each one with the seconds it took (where the time goes).
-export TRITON_CACHE_AUTOTUNING=1 TRITON_PRINT_AUTOTUNING=1 WANDB_MODE=offline
+# Autotuning: print each choice with the seconds it took (where the time goes); keep tuned choices for a rerun,
+# and never a first-configuration one (it is not the tuned choice).
+export TRITON_PRINT_AUTOTUNING=1 WANDB_MODE=offline
+RUN=("$PY" -m)
+if [ "$FIRST_CONFIG" = 1 ]; then
+  export TRITON_CACHE_AUTOTUNING=0 FLA_CACHE_RESULTS=0
+  RUN=("$PY" -m benchmarks.triton_first_config)
+else
+  export TRITON_CACHE_AUTOTUNING=1
+fi
 START=$SECONDS
 step() { echo; echo "=== gpu_check [$((SECONDS - START)) s]: $* ==="; }
 fail() {
   echo "gpu_check: FAILED at: $* ($((SECONDS - START)) s in)" >&2
-  for build in "${BUILDS[@]}"; do echo "gpu_check: still building in the background: ${build%%:*} (pid $(
-    cut -d: -f2 <<<"$build"))" >&2; done
+  for build in "${BUILDS[@]}"; do
+    IFS=: read -r module pid result <<<"$build"
+    if kill -0 "$pid" 2>/dev/null; then echo "gpu_check: still building in the background: $module (pid $pid)" >&2
+    else echo "gpu_check: the background build of $module had ended: $(tail -n 1 "$result")" >&2; fi
+  done
   exit 1
 }
 [ -n "$device" ] && echo "gpu_check: $device, torch $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
@@ -168,7 +187,7 @@ wait_for_builds() {  # each background build's own last line; one that failed is
 train() {  # $1 = model.impl: one run of each preset
   for preset in $PRESETS; do
     step "train: $preset, $TRAINER, impl=$1, $STEPS steps of $BATCH x $SEQ tokens"
-    GROUNDTHINK_OUTPUT_ROOT="$OUT" "$PY" -m groundthink.train "$TRAINER" "model=$preset" "model.impl=$1" \
+    GROUNDTHINK_OUTPUT_ROOT="$OUT" "${RUN[@]}" groundthink.train "$TRAINER" "model=$preset" "model.impl=$1" \
       "trainer.max_steps=$STEPS" "data.batch_size=$BATCH" "data.seq_len=$SEQ" logger=csv \
       "trainer.val_every_n_steps=$STEPS" "callbacks.checkpoint.every_n_steps=$STEPS" "name=gpu_check_${preset}_$1" \
       callbacks.progress_bar=false diagnostics.enabled=false || fail "training $preset with impl=$1"
@@ -184,20 +203,34 @@ if [ "$TRAIN" = 1 ]; then
   for impl in $BASELINE; do train "$impl"; done
 fi
 
-wait_for_builds
+parity() {  # $1 = a pytest -k expression ("" for all), $2 = what runs
+  step "parity: chunked ops vs $2"
+  local plugin=() select="$1" rc=0
+  [ "$FIRST_CONFIG" = 1 ] && plugin=(-p benchmarks.triton_first_config)
+  [ -n "$TESTS" ] && select="${select:+($select) and }($TESTS)"
+  "$PY" -m pytest -v -rs --durations=5 -p no:cacheprovider "${plugin[@]}" -m gpu ${select:+-k "$select"} \
+    tests/test_ops_gpu.py tests/test_gla.py || rc=$?
+  [ "$rc" = 5 ] && { echo "gpu_check: no parity test matches -k '$select' here"; return 0; }  # none selected
+  [ "$rc" = 0 ] || fail "GPU parity tests (output above)"
+}
 if [ "$PARITY" = 1 ]; then
-  step "parity: chunked ops vs the CUDA kernels"
-  # First-configuration mode must not leave its choices in the autotuning caches the training runs then read.
-  plugin=() parity_env=()
-  [ "$FIRST_CONFIG" = 1 ] && plugin=(-p benchmarks.triton_first_config) \
-    parity_env=(TRITON_CACHE_AUTOTUNING=0 FLA_CACHE_RESULTS=0)
-  env "${parity_env[@]}" "$PY" -m pytest -v -rs --durations=5 -p no:cacheprovider "${plugin[@]}" -m gpu \
-    ${TESTS:+-k "$TESTS"} tests/test_ops_gpu.py tests/test_gla.py || fail "GPU parity tests (output above)"
+  building=""  # the tests of the packages still building wait for them; the others run now, beside the builds
+  for build in "${BUILDS[@]}"; do building="${building:+$building or }${build%%:*}"; done
+  if [ -n "$building" ]; then
+    parity "not ($building)" "the installed kernels (while $building build)"
+    wait_for_builds
+    parity "$building" "$building"
+  else
+    parity "" "the CUDA kernels"
+  fi
 fi
+wait_for_builds
 
 if [ "$TRAIN" = 1 ]; then
   for impl in $REST; do train "$impl"; done
   step "throughput (runs under $OUT)"
+  [ "$FIRST_CONFIG" = 1 ] && [ -n "$REST" ] && echo "Triton kernels at their first working configuration," \
+    "not autotuned (--autotune tunes them): the kernel rows are a lower bound of tuned speed"
   "$PY" -m benchmarks.gpu_report "$OUT" --presets $PRESETS --impls $IMPLS || fail "the throughput table"
 fi
 echo; echo "gpu_check: done in $((SECONDS - START)) s"

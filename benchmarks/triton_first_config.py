@@ -1,24 +1,27 @@
-"""A pytest plugin for the parity stage of `gpu_check.sh`: each autotuned Triton kernel runs the first of its
-configurations that works, instead of compiling and timing every one.
+"""Each autotuned Triton kernel runs the first of its configurations that works, instead of compiling and timing
+every one: a pytest plugin for the parity stage of `gpu_check.sh`, and a runner for its training runs.
 
     python -m pytest -p benchmarks.triton_first_config -m gpu tests/test_ops_gpu.py ...
+    python -m benchmarks.triton_first_config groundthink.train trainer=gpu model=8m ...
 
 fla and mamba_ssm autotune their kernels over up to 27 configurations (block sizes, warps, pipeline stages) on the
 first call for each shape and dtype; each configuration is a separate compilation, and on a fresh machine that is
-where a parity run's minutes go (gpu_check.sh's header has the H200 numbers). Every configuration computes the same
+where a GPU check's minutes go (gpu_check.sh's header has the H200 numbers). Every configuration computes the same
 function (they differ in speed and in summation order), so parity needs one: the configurations are tried in their
 listed order and the first that compiles and runs (finite time) is used; one that fails with out-of-resources or a
-compile-time assertion is skipped, as the autotuner itself skips it. Speed is not measured in this mode: the
-training runs of gpu_check.sh autotune in full, and since the choice made here is not the tuned one, this stage
-does not write Triton's or fla's autotuning caches (gpu_check.sh sets TRITON_CACHE_AUTOTUNING=0 and
-FLA_CACHE_RESULTS=0 for it).
+compile-time assertion is skipped, as the autotuner itself skips it. A training run in this mode measures real
+speed of an untuned choice, a lower bound of what tuning gives (`gpu_check.sh --autotune` tunes in full). Since the
+choice made here is not the tuned one, it must not go into Triton's or fla's autotuning caches: gpu_check.sh sets
+TRITON_CACHE_AUTOTUNING=0 and FLA_CACHE_RESULTS=0 in this mode.
 
-Without triton (a CPU machine) the plugin does nothing.
+Without triton (a CPU machine) nothing is patched; the runner says so and runs the module as it is.
 """
 
 from __future__ import annotations
 
 import math
+import runpy
+import sys
 from collections.abc import Iterable, Iterator
 
 
@@ -74,3 +77,24 @@ def pytest_report_header(config) -> str | None:
     if _installed:
         return "triton autotuning: the first working configuration of each kernel (benchmarks.triton_first_config)"
     return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.triton_first_config MODULE [ARG ...]`: patch, then run MODULE as `python -m` would."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        print("usage: python -m benchmarks.triton_first_config MODULE [ARG ...]  (e.g. groundthink.train model=8m)",
+              file=sys.stderr)
+        return 2
+    if install():
+        print("triton autotuning: the first working configuration of each kernel (benchmarks.triton_first_config)",
+              file=sys.stderr)
+    else:
+        print("triton_first_config: triton is not installed, nothing to patch", file=sys.stderr)
+    sys.argv = [argv[0], *argv[1:]]
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,9 +35,9 @@ def _inputs(B, T, H, K, V, dtype, mean_abs_log_g=0.5, seed=0):
 def _grads(fn, inputs, seed=0):
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
     out, state = fn(*inputs)
-    g = torch.Generator().manual_seed(seed)
-    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
-    loss = loss + (state * torch.randn(state.shape, generator=g, dtype=state.dtype)).sum()
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU, then moved: the same weights on every device
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)).sum()
+    loss = loss + (state * torch.randn(state.shape, generator=g, dtype=state.dtype).to(state.device)).sum()
     return [out, state, *torch.autograd.grad(loss, inputs)]
 
 
@@ -119,8 +119,9 @@ def test_diagnostics_and_gates_see_gla_without_edits(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (for fla.ops.gla)")
 @pytest.mark.parametrize("T", [15, 100, 257])
-def test_fla_matches_chunked(T):
+def test_fla_matches_chunked(T, monkeypatch):
     pytest.importorskip("fla.ops.gla")
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")  # IEEE fp32 dots, not TF32 (see tests/test_ops_gpu.py)
     inputs = [t.cuda().float() for t in _inputs(2, T, 4, 64, 64, torch.float32)]
     expected = _grads(lambda *a: gla(*a, impl="chunked"), inputs)
     actual = _grads(lambda *a: gla(*a, impl="fla"), inputs)

@@ -58,12 +58,14 @@ def test_cpu_rehearsal_trains_each_impl_and_reports_what_the_runs_measured(tmp_p
         summary = json.loads((run / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["step"] == 6
         (rows[impl],) = [line.split() for line in proc.stdout.splitlines() if line.split()[:2] == ["tiny", impl]]
-        assert rows[impl][2] == f"{summary['num_params']:,}" and rows[impl][3] == f"{summary['tokens_per_s']:,.0f}"
+        assert rows[impl][2] == f"{summary['num_params']:,}" and rows[impl][3] == f"{summary['startup_s']:.1f}s"
+        # 6 steps end before the warm-up does: the whole run's rate, marked
+        assert rows[impl][4] == f"{summary['tokens_per_s']:,.0f}*"
         assert "wkv6=chunked," in rows[impl]  # on the CPU auto resolves to the torch ops
     # Speeds are relative to the first impl listed.
-    assert rows["auto"][6] == "1.00x"
-    ratio = float(rows["chunked"][3].replace(",", "")) / float(rows["auto"][3].replace(",", ""))
-    assert abs(float(rows["chunked"][6].rstrip("x")) - ratio) < 0.02
+    assert rows["auto"][7] == "1.00x"
+    ratio = float(rows["chunked"][4].rstrip("*").replace(",", "")) / float(rows["auto"][4].rstrip("*").replace(",", ""))
+    assert abs(float(rows["chunked"][7].rstrip("x")) - ratio) < 0.02
     assert "gpu_check: done in" in proc.stdout.splitlines()[-1]
 
 
@@ -76,3 +78,14 @@ def test_the_report_names_a_missing_or_unfinished_run(tmp_path):
     lines = table(tmp_path, ["8m"], ["chunked", "auto"])
     assert "run failed, not completed" in lines[1]
     assert f"no run under {tmp_path}" in lines[2]
+
+
+def test_the_report_rates_the_steps_after_the_warm_up_as_tokens_over_time():
+    from benchmarks.gpu_report import steady_rate
+
+    windows = [(10, 50.0), (20, 100.0), (30, 200.0), (40, 400.0)]  # equal tokens per window: time is 1/rate
+    mfus = [(10, 0.005), (20, 0.01), (30, 0.02), (40, 0.04)]
+    rate, mfu = steady_rate(windows, mfus, warmup=20)
+    assert rate == pytest.approx(2 / (1 / 200 + 1 / 400)) and mfu == pytest.approx(rate * 0.04 / 400)
+    assert steady_rate(windows, mfus, warmup=40) == (None, None)  # nothing after the warm-up: the caller falls back
+    assert steady_rate(windows, [], warmup=0)[1] is None  # no MFU logged (no known peak): rate only

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.triton_first_config import FirstWorking, install
+from benchmarks.triton_first_config import FirstWorking, install, main
 
 
 class Owner:
@@ -44,3 +44,16 @@ def test_without_triton_it_installs_nothing(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.setitem(sys.modules, "triton.runtime", None)
     assert install() is False
+
+
+def test_the_runner_runs_the_module_as_python_m_would(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.runtime", None)
+    (tmp_path / "gt_runner_probe.py").write_text("import sys\nprint(__name__, sys.argv[1:])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    assert main(["gt_runner_probe", "model=8m", "--x"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "__main__ ['model=8m', '--x']"  # run as a script, with its own arguments
+    assert "triton is not installed, nothing to patch" in err
+    assert main([]) == 2 and "usage:" in capsys.readouterr().err
