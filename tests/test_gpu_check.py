@@ -4,6 +4,7 @@ no-GPU message here, and its training + report steps rehearsed on the CPU (the p
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -50,8 +51,11 @@ def test_cpu_rehearsal_trains_each_impl_and_reports_what_the_runs_measured(tmp_p
     proc = check("--cpu-rehearsal", "--presets", "tiny", "--impls", "auto chunked", "--steps", "6", "--batch", "2",
                  "--seq-len", "32", "--out", str(out), root=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # The torch-only run goes first whatever the order given: it needs no kernel.
-    assert proc.stdout.index("impl=chunked, 6 steps") < proc.stdout.index("impl=auto, 6 steps")
+    # The torch-only run goes first whatever the order given: it needs no kernel; the parity tests come between,
+    # every one skipped here (no CUDA), none failed or missing.
+    assert proc.stdout.index("impl=chunked, 6 steps") < proc.stdout.index("parity: chunked ops") \
+        < proc.stdout.index("impl=auto, 6 steps")
+    assert re.search(r"=+ [1-9]\d* skipped(, \d+ deselected)? in ", proc.stdout), proc.stdout[-3000:]
     rows = {}
     for impl in ("auto", "chunked"):
         (run,) = (out / f"gpu_check_tiny_{impl}").iterdir()
