@@ -5,11 +5,11 @@
 For each preset and impl, the newest run under OUT/gpu_check_<preset>_<impl>/: parameters, seconds from the command
 to the end of the first step (summary.json's startup_s: on a GPU that is mostly Triton compiling the kernels),
 tokens/s of the steps after the warm-up (the perf/tokens_per_s windows of metrics.csv that end after step
-`--warmup`, combined as total tokens over total time; the first steps carry compilation and allocator warm-up, which
-the whole run's summary figure includes), MFU at that rate (6 x non-embedding parameters x tokens/s over the
+`--warmup`, combined as total tokens over total time; the run's summary figure leaves out only its first step, and
+Triton compiles again for each new shape, e.g. validation's), MFU at that rate (6 x non-embedding parameters x tokens/s over the
 device's bf16 peak, as the run logged it), the final validation loss, the impl each op resolved to (the
 checkpoint's metadata), and the speed relative to the first impl listed (e.g. the kernels over the torch-only run).
-A run with no window after the warm-up falls back to the whole run's figure, marked `*`. A run that is missing or
+A run with no window after the warm-up falls back to its summary figure, marked `*`. A run that is missing or
 did not complete is a row that says so, not an omission.
 """
 
@@ -50,7 +50,7 @@ def read_run(out: Path, preset: str, impl: str, warmup: int = 20) -> dict | None
         "params": summary.get("num_params"),
         "first_step_s": summary.get("startup_s"),
         "tokens_per_s": rate if rate is not None else summary.get("tokens_per_s"),
-        "whole_run": rate is None,
+        "from_summary": rate is None,
         "mfu": mfu,
         "val_loss": summary.get("final", {}).get("val/loss"),
         "ops": json.loads(last.read_text()).get("impl", {}) if last.exists() else {},
@@ -77,11 +77,11 @@ def table(out: Path, presets: list[str], impls: list[str], warmup: int = 20) -> 
             mfu = f"{run['mfu']:.1%}" if run["mfu"] is not None else "n/a"
             val = "n/a" if run["val_loss"] is None else f"{run['val_loss']:.4f}"
             first = "n/a" if run["first_step_s"] is None else f"{run['first_step_s']:.1f}s"
-            shown = f"{rate:,.0f}" + ("*" if run["whole_run"] else "")
+            shown = f"{rate:,.0f}" + ("*" if run["from_summary"] else "")
             ops = ", ".join(f"{op}={name}" for op, name in run["ops"].items())
             lines.append(f"{preset:>8} {impl:>9} {run['params']:>12,} {first:>9} {shown:>12} {mfu:>7} {val:>9} "
                          f"{ratio:>11}  {ops}")
-    lines.append(f"tokens/s and MFU: the steps after step {warmup} (*: the whole run, which had none after it); "
+    lines.append(f"tokens/s and MFU: the steps after step {warmup} (*: the run's summary figure, no step after it); "
                  "1st step: command to the end of the first step")
     return lines
 

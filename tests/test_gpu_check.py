@@ -63,7 +63,7 @@ def test_cpu_rehearsal_trains_each_impl_and_reports_what_the_runs_measured(tmp_p
         assert summary["status"] == "completed" and summary["step"] == 6
         (rows[impl],) = [line.split() for line in proc.stdout.splitlines() if line.split()[:2] == ["tiny", impl]]
         assert rows[impl][2] == f"{summary['num_params']:,}" and rows[impl][3] == f"{summary['startup_s']:.1f}s"
-        # 6 steps end before the warm-up does: the whole run's rate, marked
+        # 6 steps end before the warm-up does: the summary's rate, marked
         assert rows[impl][4] == f"{summary['tokens_per_s']:,.0f}*"
         assert "wkv6=chunked," in rows[impl]  # on the CPU auto resolves to the torch ops
     # Speeds are relative to the first impl listed.

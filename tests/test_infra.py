@@ -424,3 +424,35 @@ def test_closing_lines_name_where_the_start_up_is_counted_from(tmp_path, multiru
     lines = closing_lines(outcome, Folder(), precision="32-true", wandb_mode="disabled", multirun=multirun)
     assert ("job start to first step 4.3 s" if multirun else "command to first step 4.3 s") in lines
 
+
+
+def test_throughput_leaves_out_each_processs_first_step(monkeypatch):
+    """The first step carries one-time work (Triton compiling the GPU kernels, torch.compile, first allocations):
+    a 60 s first step followed by 1 s steps must not read as a 30x slower run. A process that made one step
+    reports that step rather than nothing."""
+    from types import SimpleNamespace
+
+    from groundthink.training import callbacks
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    logged = []
+    monkeypatch.setattr(callbacks, "log_metrics", lambda trainer, metrics, step: logged.append((step, metrics)))
+    trainer = SimpleNamespace(world_size=1)
+    batch = {"input_ids": SimpleNamespace(numel=lambda: 100)}  # 100 tokens a step
+
+    def run(step_seconds):
+        cb = callbacks.Throughput(every_n_steps=2, flops_params=10, peak_flops=1e6, precision="32-true")
+        for step, seconds in enumerate(step_seconds, start=1):
+            module = SimpleNamespace(global_step=step, step_started=step)
+            cb.on_train_batch_start(trainer, module, batch, step - 1)
+            clock[0] += seconds
+            cb.on_train_batch_end(trainer, module, None, batch, step - 1)
+        return cb
+
+    cb = run([60.0, 1.0, 1.0, 2.0, 1.0])
+    assert cb.tokens_per_s == pytest.approx(400 / 5.0) and cb.first_step == (100, 60.0)
+    # windows: step 2 holds step 2 alone (step 1 is left out), step 4 holds steps 3-4
+    assert [(s, round(m["perf/tokens_per_s"], 6)) for s, m in logged] == [(2, 100.0), (4, round(200 / 3.0, 6))]
+    assert logged[0][1]["perf/mfu"] == pytest.approx(100.0 * 60 / 1e6)
+    assert run([4.0]).tokens_per_s == pytest.approx(25.0)  # one step: that step

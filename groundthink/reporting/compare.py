@@ -244,8 +244,8 @@ def render_markdown(cells: list[Cell], common: dict[str, str], baseline: Cell, w
         "- mean ± std over the completed seeds of a cell; std is the sample standard deviation (ddof=1), "
         "shown without ± for a single seed.",
         "- tokens/s = each run's summary tokens_per_s (training tokens over training-step time: validation, "
-        "checkpoints, logging and data loading excluded; the number its closing line printed), then mean ± std "
-        "over seeds.",
+        "checkpoints, logging, data loading and each process's first step excluded; the number its closing line "
+        "printed), then mean ± std over seeds.",
         "- vs baseline = cell mean final val/loss / baseline mean final val/loss.",
         "- val/acc (recall tasks, data=mqar / data=passkey) = argmax accuracy at the labelled positions; its best "
         "is the highest logged value. state size = the model's recurrent state in elements per sequence, as its "

@@ -46,9 +46,12 @@ def log_metrics(trainer: L.Trainer, metrics: dict[str, float], step: int) -> Non
 
 class Throughput(L.Callback):
     """Tokens per second of training-step time: forward, backward and optimizer update; data loading,
-    validation, checkpointing and logging are excluded. Logs `perf/tokens_per_s` and `perf/mfu` (6 · non-embedding
-    parameters · tokens/s over the peak FLOP/s) every N steps over the steps since the last log; `tokens_per_s`
-    (the whole run's, same definition) goes into summary.json and is what groundthink-compare shows."""
+    validation, checkpointing and logging are excluded, and so is the first step of each process (a fresh run's
+    or a resumed one's), which carries one-time work: Triton compiling and autotuning the GPU kernels (minutes on
+    a fresh machine), torch.compile, the allocator's first requests. Logs `perf/tokens_per_s` and `perf/mfu` (6 ·
+    non-embedding parameters · tokens/s over the peak FLOP/s) every N steps over the steps since the last log;
+    `tokens_per_s` (the process's, same definition; its one step when it made only one) goes into summary.json and
+    is what groundthink-compare shows."""
 
     def __init__(self, every_n_steps: int, flops_params: int, peak_flops: float | None, precision: str) -> None:
         self.every_n_steps = max(1, every_n_steps)
@@ -57,13 +60,19 @@ class Throughput(L.Callback):
         self.precision = precision
         self._t_batch: float | None = None
         self._window = [0, 0.0]  # tokens, seconds
+        self._first = [0, 0.0]  # tokens, seconds of the first step, micro-batches included
         self.run_tokens = 0
         self.run_seconds = 0.0
+        self.first_step: tuple[int, float] | None = None  # (tokens, seconds) of this process's first step
         self.first_step_end: float | None = None  # time.time() at the end of the first step of this invocation
 
     @property
     def tokens_per_s(self) -> float | None:
-        return self.run_tokens / self.run_seconds if self.run_seconds > 0 else None
+        if self.run_seconds > 0:
+            return self.run_tokens / self.run_seconds
+        if self.first_step is not None and self.first_step[1] > 0:  # a process that made one step
+            return self.first_step[0] / self.first_step[1]
+        return None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.peak_flops is None:
@@ -75,14 +84,19 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         seconds = time.perf_counter() - self._t_batch if self._t_batch is not None else 0.0
         tokens = int(batch["input_ids"].numel()) * trainer.world_size
-        self._window[0] += tokens
-        self._window[1] += seconds
-        self.run_tokens += tokens
-        self.run_seconds += seconds
+        if self.first_step is None:  # micro-batches of the first step accumulate here until its update
+            self._first[0] += tokens
+            self._first[1] += seconds
+        else:
+            self._window[0] += tokens
+            self._window[1] += seconds
+            self.run_tokens += tokens
+            self.run_seconds += seconds
         step = completed_step(pl_module)
         if step is None:
             return
-        if self.first_step_end is None:
+        if self.first_step is None:
+            self.first_step = (self._first[0], self._first[1])
             self.first_step_end = time.time()
         if step % self.every_n_steps == 0 and self._window[1] > 0:
             rate = self._window[0] / self._window[1]
