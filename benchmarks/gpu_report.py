@@ -6,11 +6,11 @@ For each preset and impl, the newest run under OUT/gpu_check_<preset>_<impl>/: p
 to the end of the first step (summary.json's startup_s: on a GPU that is mostly Triton compiling the kernels),
 tokens/s of the steps after the warm-up (the perf/tokens_per_s windows of metrics.csv that end after step
 `--warmup`, combined as total tokens over total time; the run's summary figure leaves out only its first step, and
-Triton compiles again for each new shape, e.g. validation's), MFU at that rate (6 x non-embedding parameters x tokens/s over the
-device's bf16 peak, as the run logged it), the final validation loss, the impl each op resolved to (the
-checkpoint's metadata), and the speed relative to the first impl listed (e.g. the kernels over the torch-only run).
-A run with no window after the warm-up falls back to its summary figure, marked `*`. A run that is missing or
-did not complete is a row that says so, not an omission.
+Triton compiles again for each new shape, e.g. validation's), MFU at that rate (6 x non-embedding parameters x
+tokens/s over the device's bf16 peak, as the run logged it), the final validation loss, the impl each op resolved
+to (the checkpoint's metadata), and the speed relative to the first impl listed (e.g. the kernels over the
+torch-only run). A run with no window after the warm-up falls back to its summary figure, marked `*`. A run that is
+missing or did not complete is a row that says so, not an omission.
 """
 
 from __future__ import annotations
