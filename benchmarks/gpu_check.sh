@@ -24,8 +24,9 @@
 # Time on a fresh machine is mostly compilation, not training (one H200, 16 cores; two sessions, 2026-12-04):
 # building mamba-ssm for sm_90 alone takes 151-225 s (causal-conv1d took 394 s beside it). At the first working
 # configuration, fla's six parity tests (wkv6, GLA) took 65-104 s, nearly all of it each kernel's first compilation;
-# mamba_ssm's first test passed and its second was still compiling 130 s after they started (Triton specialises
-# integer arguments, so each sequence length compiles its own kernels). With full autotuning (up to 27
+# mamba_ssm's first test passed and its second was still running 130 s after they started (Triton specialises
+# integer arguments, strides among them, on divisibility by 16, so a new sequence length can compile its kernels
+# again; fla's second and third lengths reused the first's and took 0.02 s). With full autotuning (up to 27
 # configurations per kernel) no parity test had finished after 310 s, and 8m's first bf16 step with fla took about
 # 300 s. The torch-only runs need none of this: 8m's and 125m's first bf16 steps came 43 and 51 s after the command.
 # With --autotune give a first run 20 minutes or more; a rerun on the same machine reuses Triton's cache
