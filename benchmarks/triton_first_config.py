@@ -19,6 +19,7 @@ Without triton (a CPU machine) nothing is patched; the runner says so and runs t
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import runpy
 import sys
@@ -85,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-"):
         print("usage: python -m benchmarks.triton_first_config MODULE [ARG ...]  (e.g. groundthink.train model=8m)",
               file=sys.stderr)
+        return 2
+    try:
+        found = importlib.util.find_spec(argv[0]) is not None
+    except (ImportError, ValueError):  # a parent package that does not exist, or an empty name part
+        found = False
+    if not found:
+        print(f"triton_first_config: no module named {argv[0]!r} (give a module as for python -m, e.g. "
+              "groundthink.train)", file=sys.stderr)
         return 2
     if install():
         print("triton autotuning: the first working configuration of each kernel (benchmarks.triton_first_config)",

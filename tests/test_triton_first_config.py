@@ -57,3 +57,5 @@ def test_the_runner_runs_the_module_as_python_m_would(tmp_path, monkeypatch, cap
     assert out.strip() == "__main__ ['model=8m', '--x']"  # run as a script, with its own arguments
     assert "triton is not installed, nothing to patch" in err
     assert main([]) == 2 and "usage:" in capsys.readouterr().err
+    assert main(["groundthink.trian"]) == 2 and "no module named 'groundthink.trian'" in capsys.readouterr().err
+    assert main(["nosuchpackage.train"]) == 2 and "no module named" in capsys.readouterr().err
