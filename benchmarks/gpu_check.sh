@@ -10,7 +10,7 @@
 #      reported as skipped (pytest's reason), never as passed. fp32 dots run in IEEE fp32 there
 #      (TRITON_F32_DEFAULT=ieee, set by the tests): TF32's 10-bit mantissa alone would use up the tolerance. The
 #      tests that need no background build (below) run while it builds; the rest wait for it. With pytest-xdist
-#      installed each kernel's tests run in their own worker, so the kernels compile side by side.
+#      installed the tests run in parallel workers (one per core, up to 12), so the kernels compile side by side.
 #   4. throughput: the same runs with model.impl=auto (the kernels where they import), then one table of tokens/s
 #      and MFU (6 x non-embedding parameters x tokens/s over the GPU's bf16 peak) after the first 20 steps, seconds
 #      to the first step (compilation), the impl each op ran as, and auto's speed over chunked.
@@ -210,9 +210,12 @@ parity() {  # $1 = a pytest -k expression ("" for all), $2 = what runs
   step "parity: chunked ops vs $2"
   local plugin=() select="$1" rc=0
   [ "$FIRST_CONFIG" = 1 ] && plugin=(-p benchmarks.triton_first_config)
-  # One pytest-xdist worker per kernel (the tests' xdist_group): the kernels compile side by side, and each worker
-  # reuses its kernel's compilations across the sequence lengths.
-  "$PY" -c "import xdist" 2>/dev/null && plugin+=(-n 4 --dist loadgroup)
+  # A pytest-xdist worker per test (up to 12, one per core): the tests compile their kernels side by side. Compiling
+  # is single-threaded, and a new sequence length can need new compilations (see above), so the wall time is
+  # that of the slowest test rather than the sum; two workers may compile the same kernel, at no cost in time.
+  local workers
+  workers=$(nproc 2>/dev/null || echo 4); [ "$workers" -gt 12 ] && workers=12
+  "$PY" -c "import xdist" 2>/dev/null && [ "$workers" -gt 1 ] && plugin+=(-n "$workers" --dist load)
   [ -n "$TESTS" ] && select="${select:+($select) and }($TESTS)"
   "$PY" -m pytest -v -rs --durations=5 -p no:cacheprovider "${plugin[@]}" -m gpu ${select:+-k "$select"} \
     tests/test_ops_gpu.py tests/test_gla.py || rc=$?

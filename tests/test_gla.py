@@ -117,7 +117,6 @@ def test_diagnostics_and_gates_see_gla_without_edits(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.xdist_group("fla-gla")  # one worker per kernel (tests/test_ops_gpu.py)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (for fla.ops.gla)")
 @pytest.mark.parametrize("T", [15, 100, 257])
 def test_fla_matches_chunked(T, monkeypatch):

@@ -72,7 +72,6 @@ def ssd_inputs(T: int, device: str) -> list[torch.Tensor]:
 
 
 @pytest.mark.gpu
-@pytest.mark.xdist_group("fla-wkv6")  # one worker per kernel: its compilations serve every T
 @_needs("fla.ops.rwkv6")
 @pytest.mark.parametrize("T", [15, 100, 257])
 def test_fla_matches_chunked(T):
@@ -83,7 +82,6 @@ def test_fla_matches_chunked(T):
 
 
 @pytest.mark.gpu
-@pytest.mark.xdist_group("mamba-ssd")  # one worker per kernel: its compilations serve every T
 @_needs("mamba_ssm.ops.triton.ssd_combined")
 @pytest.mark.parametrize("T", [15, 100, 257])
 def test_mamba_ssm_matches_chunked(T):
@@ -94,7 +92,6 @@ def test_mamba_ssm_matches_chunked(T):
 
 
 @pytest.mark.gpu
-@pytest.mark.xdist_group("causal-conv1d")  # one worker per kernel: its compilations serve every T
 @_needs("causal_conv1d")
 @pytest.mark.parametrize("T", [1, 15, 100])
 def test_causal_conv1d_kernel_matches_torch(T):
