@@ -93,3 +93,50 @@ def test_the_report_rates_the_steps_after_the_warm_up_as_tokens_over_time():
     assert rate == pytest.approx(2 / (1 / 200 + 1 / 400)) and mfu == pytest.approx(rate * 0.04 / 400)
     assert steady_rate(windows, mfus, warmup=40) == (None, None)  # nothing after the warm-up: the caller falls back
     assert steady_rate(windows, [], warmup=0)[1] is None  # no MFU logged (no known peak): rate only
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the check would run for real")
+def test_the_install_build_and_parity_steps_run_in_order_around_a_background_build(tmp_path):
+    """The steps that only a GPU machine reaches, rehearsed with an interpreter that answers the script's three
+    device questions as an H200 would (every other call goes to the real one, so the parity tests skip: no CUDA).
+    The wheel folder holds a mamba_ssm source archive whose build fails (a setup.py without architectures): the
+    tests that need no build run while it builds, the build's failure is reported, not fatal, and the tests that
+    needed it run (and skip) after it."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+case "$*" in
+  *get_device_name*) echo "Rehearsal GPU"; exit 0 ;;
+  *get_device_capability*) echo 90; exit 0 ;;
+  *torch.version.cuda*) echo "rehearsal 0.0"; exit 0 ;;
+esac
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    wheels = tmp_path / "wheels"
+    source = tmp_path / "mamba_ssm-0.0"
+    source.mkdir(parents=True)
+    (source / "setup.py").write_text("cc_flag = []\n")
+    wheels.mkdir()
+    subprocess.run(["tar", "-czf", str(wheels / "mamba_ssm-0.0.tar.gz"), "-C", str(tmp_path), source.name],
+                   check=True)
+    proc = subprocess.run(["bash", str(SCRIPT), "--python", str(fake), "--wheels", str(wheels), "--skip-train"],
+                          cwd=REPO, env=cli_env(tmp_path, TMPDIR=str(tmp_path)), capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    steps = ["gpu_check: Rehearsal GPU",
+             "no causal_conv1d wheel or source archive",
+             "building mamba_ssm from mamba_ssm-0.0.tar.gz for sm_90 in the background",
+             "parity: chunked ops vs the installed kernels (while mamba_ssm build)",
+             "waiting for the kernel builds",
+             "found no cc_flag.append(\"-gencode\") pairs in setup.py",
+             "gpu_check: mamba_ssm was not built (the parity tests that need it will be skipped)",
+             "parity: chunked ops vs mamba_ssm",
+             "gpu_check: done in"]
+    at = [out.find(step) for step in steps]
+    assert -1 not in at and at == sorted(at), list(zip(steps, at))
+    # the first parity run left out exactly the build's tests, the second ran only those
+    first, second = out.split("parity: chunked ops vs mamba_ssm")
+    assert "test_mamba_ssm_matches_chunked" not in first.split("(while mamba_ssm build)")[1]
+    assert "test_fla_matches_chunked" not in second and "test_mamba_ssm_matches_chunked" in second
