@@ -32,9 +32,9 @@
 # With --autotune give a first run 20 minutes or more; a rerun on the same machine reuses Triton's cache
 # (~/.triton/cache) and the autotuning results (TRITON_CACHE_AUTOTUNING=1 is set then).
 #
-#   benchmarks/gpu_check.sh [--python PATH] [--wheels DIR] [--steps N] [--presets "8m 125m"] [--impls "chunked auto"]
-#                           [--batch B] [--seq-len T] [--tests EXPR] [--out DIR] [--skip-install] [--skip-parity]
-#                           [--skip-train] [--autotune] [--cpu-rehearsal]
+#   benchmarks/gpu_check.sh [--python PATH] [--wheels DIR] [--build LIST] [--steps N] [--presets "8m 125m"]
+#                           [--impls "chunked auto"] [--batch B] [--seq-len T] [--tests EXPR] [--out DIR]
+#                           [--skip-install] [--skip-parity] [--skip-train] [--autotune] [--cpu-rehearsal]
 #
 #   --python   the interpreter with a CUDA build of torch (default: .venv/bin/python if it exists, else python3)
 #   --wheels   install what that interpreter lacks from this folder only (pip --no-index), e.g. on a machine with
@@ -42,6 +42,8 @@
 #              come as source archives there (PyPI has no wheels of them) and are built, at low CPU priority, for
 #              this GPU's architecture alone (benchmarks/kernel_sdist.py), in the background while the torch-only
 #              runs train; the parity tests wait for them
+#   --build    which of those source archives to build (default "mamba_ssm causal_conv1d"; "mamba_ssm" leaves out
+#              causal-conv1d's build, the longer one, and its three parity tests)
 #   --skip-install  use the interpreter as it is (the kernels installed already, or a run of --wheels before)
 #   --steps    training steps per run (default 200; the first ~20 are warm-up and fall outside the window)
 #   --impls    the model.impl of the training runs, in order (default "chunked auto"; "auto" alone skips the baseline)
@@ -57,12 +59,13 @@ cd "$(dirname "$0")/.."
 die() { echo "gpu_check: $*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }
 
-PY="" WHEELS="" STEPS=200 PRESETS="8m 125m" IMPLS="chunked auto" BATCH=16 SEQ=512 TESTS="" OUT=""
+PY="" WHEELS="" BUILD="mamba_ssm causal_conv1d" STEPS=200 PRESETS="8m 125m" IMPLS="chunked auto" BATCH=16 SEQ=512 TESTS="" OUT=""
 INSTALL=1 PARITY=1 TRAIN=1 REHEARSAL=0 FIRST_CONFIG=1 BUILDS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) [ $# -ge 2 ] || die "--python needs a path"; PY="$2"; shift 2 ;;
     --wheels) [ $# -ge 2 ] || die "--wheels needs a folder"; WHEELS="$2"; shift 2 ;;
+    --build) [ $# -ge 2 ] || die "--build needs a list, e.g. \"mamba_ssm\" or \"\""; BUILD="$2"; shift 2 ;;
     --steps) [ $# -ge 2 ] || die "--steps needs a number"; STEPS="$2"; shift 2 ;;
     --presets) [ $# -ge 2 ] || die "--presets needs a list, e.g. \"8m 125m\""; PRESETS="$2"; shift 2 ;;
     --impls) [ $# -ge 2 ] || die "--impls needs a list, e.g. \"chunked auto\""; IMPLS="$2"; shift 2 ;;
@@ -84,6 +87,9 @@ for pair in "steps:$STEPS" "batch:$BATCH" "seq-len:$SEQ"; do
   [[ "$value" =~ ^[1-9][0-9]*$ ]] || die "--${pair%%:*} must be a positive whole number, got '$value'"
 done
 [ -n "${IMPLS// /}" ] || die "--impls needs at least one impl, e.g. \"chunked auto\""
+for module in $BUILD; do
+  [[ " mamba_ssm causal_conv1d " == *" $module "* ]] || die "--build: unknown package '$module' (mamba_ssm, causal_conv1d)"
+done
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
@@ -160,6 +166,8 @@ for d in deps:
       echo "gpu_check: $module is installed"
     elif wheel=$(ls "$WHEELS"/"$module"-*.whl 2>/dev/null | head -n 1) && [ -n "$wheel" ]; then
       "$PY" -m pip install --quiet --no-index --no-deps "$wheel" || echo "gpu_check: installing $wheel failed"
+    elif [[ " $BUILD " != *" $module "* ]]; then
+      echo "gpu_check: not building $module (--build \"$BUILD\"; its parity tests will be skipped)"
     elif sdist=$(ls "$WHEELS"/"$module"-*.tar.gz 2>/dev/null | head -n 1) && [ -n "$sdist" ]; then
       log="${TMPDIR:-/tmp}/build-$module.log"
       echo "gpu_check: building $module from $(basename "$sdist") for sm_$arch in the background (log: $log)"

@@ -31,6 +31,7 @@ def check(*args: str, root=None) -> subprocess.CompletedProcess:
     (["--impls", "auto causal_conv1d"], "--impls: unknown impl 'causal_conv1d'"),  # an op's kernel, not a model's
     (["--impls", " "], "--impls needs at least one impl"),
     (["--tests"], "--tests needs a pytest -k expression"),
+    (["--build", "mamba"], "--build: unknown package 'mamba' (mamba_ssm, causal_conv1d)"),
 ])
 def test_bad_arguments_are_named_before_anything_runs(args, message):
     proc = check(*args)
@@ -102,7 +103,7 @@ def test_the_install_build_and_parity_steps_run_in_order_around_a_background_bui
     device questions as an H200 would (every other call goes to the real one, so the parity tests skip: no CUDA).
     The wheel folder holds a mamba_ssm source archive whose build fails (a setup.py without architectures): the
     tests that need no build run while it builds, the build's failure is reported, not fatal, and the tests that
-    needed it run (and skip) after it."""
+    needed it run (and skip) after it. causal-conv1d's archive is there too, and left alone (--build)."""
     fake = tmp_path / "python"
     fake.write_text(f"""#!/usr/bin/env bash
 case "$*" in
@@ -120,13 +121,15 @@ exec {sys.executable} "$@"
     wheels.mkdir()
     subprocess.run(["tar", "-czf", str(wheels / "mamba_ssm-0.0.tar.gz"), "-C", str(tmp_path), source.name],
                    check=True)
-    proc = subprocess.run(["bash", str(SCRIPT), "--python", str(fake), "--wheels", str(wheels), "--skip-train"],
+    (wheels / "causal_conv1d-0.0.tar.gz").write_bytes(b"")  # left alone: --build names mamba_ssm only
+    proc = subprocess.run(["bash", str(SCRIPT), "--python", str(fake), "--wheels", str(wheels), "--skip-train",
+                           "--build", "mamba_ssm"],
                           cwd=REPO, env=cli_env(tmp_path, TMPDIR=str(tmp_path)), capture_output=True, text=True,
                           timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     steps = ["gpu_check: Rehearsal GPU",
-             "no causal_conv1d wheel or source archive",
+             'not building causal_conv1d (--build "mamba_ssm"; its parity tests will be skipped)',
              "building mamba_ssm from mamba_ssm-0.0.tar.gz for sm_90 in the background",
              "parity: chunked ops vs the installed kernels (while mamba_ssm build)",
              "waiting for the kernel builds",
