@@ -60,18 +60,22 @@ class Throughput(L.Callback):
         self.precision = precision
         self._t_batch: float | None = None
         self._window = [0, 0.0]  # tokens, seconds
-        self._first = [0, 0.0]  # tokens, seconds of the first step, micro-batches included
+        self._first = [0, 0.0]  # tokens, seconds of this process's first step, micro-batches included
         self.run_tokens = 0
         self.run_seconds = 0.0
-        self.first_step: tuple[int, float] | None = None  # (tokens, seconds) of this process's first step
         self.first_step_end: float | None = None  # time.time() at the end of the first step of this invocation
+
+    @property
+    def first_step(self) -> tuple[int, float] | None:
+        """(tokens, seconds) of this process's first step, once it has ended."""
+        return None if self.first_step_end is None else (self._first[0], self._first[1])
 
     @property
     def tokens_per_s(self) -> float | None:
         if self.run_seconds > 0:
             return self.run_tokens / self.run_seconds
-        if self.first_step is not None and self.first_step[1] > 0:  # a process that made one step
-            return self.first_step[0] / self.first_step[1]
+        if self.first_step_end is not None and self._first[1] > 0:  # a process that made one step
+            return self._first[0] / self._first[1]
         return None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -84,7 +88,7 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         seconds = time.perf_counter() - self._t_batch if self._t_batch is not None else 0.0
         tokens = int(batch["input_ids"].numel()) * trainer.world_size
-        if self.first_step is None:  # micro-batches of the first step accumulate here until its update
+        if self.first_step_end is None:  # micro-batches of the first step accumulate here until its update
             self._first[0] += tokens
             self._first[1] += seconds
         else:
@@ -95,8 +99,7 @@ class Throughput(L.Callback):
         step = completed_step(pl_module)
         if step is None:
             return
-        if self.first_step is None:
-            self.first_step = (self._first[0], self._first[1])
+        if self.first_step_end is None:
             self.first_step_end = time.time()
         if step % self.every_n_steps == 0 and self._window[1] > 0:
             rate = self._window[0] / self._window[1]
