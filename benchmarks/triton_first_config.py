@@ -67,6 +67,7 @@ def install() -> bool:
 
 
 _installed = False
+PATCHED = "triton autotuning: the first working configuration of each kernel (benchmarks.triton_first_config)"
 
 
 def pytest_configure(config) -> None:
@@ -75,9 +76,7 @@ def pytest_configure(config) -> None:
 
 
 def pytest_report_header(config) -> str | None:
-    if _installed:
-        return "triton autotuning: the first working configuration of each kernel (benchmarks.triton_first_config)"
-    return None
+    return PATCHED if _installed else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,11 +95,10 @@ def main(argv: list[str] | None = None) -> int:
               "groundthink.train)", file=sys.stderr)
         return 2
     if install():
-        print("triton autotuning: the first working configuration of each kernel (benchmarks.triton_first_config)",
-              file=sys.stderr)
+        print(PATCHED, file=sys.stderr)
     else:
         print("triton_first_config: triton is not installed, nothing to patch", file=sys.stderr)
-    sys.argv = [argv[0], *argv[1:]]
+    sys.argv = list(argv)  # as python -m sees them; run_module puts the module's path in argv[0]
     runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
     return 0
 
