@@ -8,9 +8,10 @@
 #      fla's chunk_rwkv6 / chunk_gla, mamba_ssm's mamba_chunk_scan_combined and causal_conv1d: outputs, final states
 #      and every input gradient, one line per test with its time. A kernel package that is not installed is
 #      reported as skipped (pytest's reason), never as passed. fp32 dots run in IEEE fp32 there
-#      (TRITON_F32_DEFAULT=ieee, set by the tests): TF32's rounding alone is of the order of the tolerance. The
-#      tests that need no background build (below) run while it builds; the rest wait for it. With pytest-xdist
-#      installed the tests run in parallel workers (one per core, up to 12), so the kernels compile side by side.
+#      (TRITON_F32_DEFAULT=ieee, for every gpu test: tests/conftest.py): TF32's rounding alone is of the order
+#      of the tolerance. The tests that need no background build (below) run while it builds; the rest wait for
+#      it. With pytest-xdist installed the tests run in parallel workers (one per core, up to 12), so the kernels
+#      compile side by side.
 #   4. throughput: the same runs with model.impl=auto (the kernels where they import), then one table of tokens/s
 #      and MFU (6 x non-embedding parameters x tokens/s over the GPU's bf16 peak) after the first 20 steps, seconds
 #      to the first step (compilation), the impl each op ran as, and auto's speed over chunked.

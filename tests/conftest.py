@@ -65,6 +65,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _ieee_fp32_dots_on_gpu(request, monkeypatch):
+    """GPU tests (marker gpu) compile Triton kernels with IEEE fp32 dots. Triton's fp32 tl.dot defaults to TF32 on
+    NVIDIA GPUs (10-bit mantissa, ~5e-4 relative rounding per operand), of the order of the parity tolerances by
+    itself; parity is about the algorithm (Triton reads TRITON_F32_DEFAULT at compile time). The torch side is IEEE
+    already (torch.backends.cuda.matmul.allow_tf32 is off by default)."""
+    if request.node.get_closest_marker("gpu") is not None:
+        monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
+
+
+@pytest.fixture(autouse=True)
 def _no_shared_wandb_service():
     """Subprocesses that tests start with os.environ must not attach to a W&B service of this process (cli_env)."""
     yield

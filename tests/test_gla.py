@@ -119,9 +119,8 @@ def test_diagnostics_and_gates_see_gla_without_edits(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (for fla.ops.gla)")
 @pytest.mark.parametrize("T", [15, 100, 257])
-def test_fla_matches_chunked(T, monkeypatch):
+def test_fla_matches_chunked(T):
     pytest.importorskip("fla.ops.gla")
-    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")  # IEEE fp32 dots, not TF32 (see tests/test_ops_gpu.py)
     inputs = [t.cuda().float() for t in _inputs(2, T, 4, 64, 64, torch.float32)]
     expected = _grads(lambda *a: gla(*a, impl="chunked"), inputs)
     actual = _grads(lambda *a: gla(*a, impl="fla"), inputs)

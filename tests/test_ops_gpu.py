@@ -19,15 +19,6 @@ def _needs(module: str):
     )
 
 
-@pytest.fixture(autouse=True)
-def ieee_fp32_dots(monkeypatch):
-    """Triton's fp32 tl.dot defaults to TF32 on NVIDIA GPUs (10-bit mantissa, ~5e-4 relative rounding per operand),
-    of the order of these tolerances by itself; parity is about the algorithm, so the kernels compile with IEEE fp32
-    dots here (Triton reads TRITON_F32_DEFAULT at compile time). The torch side is IEEE already
-    (torch.backends.cuda.matmul.allow_tf32 is off by default)."""
-    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
-
-
 def _grads(fn, inputs, seed=0):
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
     out, state = fn(*inputs)
