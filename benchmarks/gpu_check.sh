@@ -60,13 +60,14 @@ cd "$(dirname "$0")/.."
 die() { echo "gpu_check: $*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }
 
-PY="" WHEELS="" BUILD="mamba_ssm causal_conv1d" STEPS=200 PRESETS="8m 125m" IMPLS="chunked auto" BATCH=16 SEQ=512 TESTS="" OUT=""
-INSTALL=1 PARITY=1 TRAIN=1 REHEARSAL=0 FIRST_CONFIG=1 BUILDS=()
+PY="" WHEELS="" TO_BUILD="mamba_ssm causal_conv1d" STEPS=200 PRESETS="8m 125m" IMPLS="chunked auto" BATCH=16
+SEQ=512 TESTS="" OUT="" INSTALL=1 PARITY=1 TRAIN=1 REHEARSAL=0 FIRST_CONFIG=1
+BUILDS=()  # the background builds still to wait for, each "module:pid:result file"
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) [ $# -ge 2 ] || die "--python needs a path"; PY="$2"; shift 2 ;;
     --wheels) [ $# -ge 2 ] || die "--wheels needs a folder"; WHEELS="$2"; shift 2 ;;
-    --build) [ $# -ge 2 ] || die "--build needs a list, e.g. \"mamba_ssm\" or \"\""; BUILD="$2"; shift 2 ;;
+    --build) [ $# -ge 2 ] || die "--build needs a list, e.g. \"mamba_ssm\" or \"\""; TO_BUILD="$2"; shift 2 ;;
     --steps) [ $# -ge 2 ] || die "--steps needs a number"; STEPS="$2"; shift 2 ;;
     --presets) [ $# -ge 2 ] || die "--presets needs a list, e.g. \"8m 125m\""; PRESETS="$2"; shift 2 ;;
     --impls) [ $# -ge 2 ] || die "--impls needs a list, e.g. \"chunked auto\""; IMPLS="$2"; shift 2 ;;
@@ -88,7 +89,7 @@ for pair in "steps:$STEPS" "batch:$BATCH" "seq-len:$SEQ"; do
   [[ "$value" =~ ^[1-9][0-9]*$ ]] || die "--${pair%%:*} must be a positive whole number, got '$value'"
 done
 [ -n "${IMPLS// /}" ] || die "--impls needs at least one impl, e.g. \"chunked auto\""
-for module in $BUILD; do
+for module in $TO_BUILD; do
   [[ " mamba_ssm causal_conv1d " == *" $module "* ]] || die "--build: unknown package '$module' (mamba_ssm, causal_conv1d)"
 done
 if [ -z "$PY" ]; then
@@ -167,8 +168,8 @@ for d in deps:
       echo "gpu_check: $module is installed"
     elif wheel=$(ls "$WHEELS"/"$module"-*.whl 2>/dev/null | head -n 1) && [ -n "$wheel" ]; then
       "$PY" -m pip install --quiet --no-index --no-deps "$wheel" || echo "gpu_check: installing $wheel failed"
-    elif [[ " $BUILD " != *" $module "* ]]; then
-      echo "gpu_check: not building $module (--build \"$BUILD\"; its parity tests will be skipped)"
+    elif [[ " $TO_BUILD " != *" $module "* ]]; then
+      echo "gpu_check: not building $module (--build \"$TO_BUILD\"; its parity tests will be skipped)"
     elif sdist=$(ls "$WHEELS"/"$module"-*.tar.gz 2>/dev/null | head -n 1) && [ -n "$sdist" ]; then
       log="${TMPDIR:-/tmp}/build-$module.log"
       echo "gpu_check: building $module from $(basename "$sdist") for sm_$arch in the background (log: $log)"
