@@ -184,6 +184,7 @@ def test_responses_pipeline_against_serve_writes_sft_ready_chat_records(server, 
                    "backend.api_key_env=GT_TEST_KEY", "pipeline=responses", "pipeline.format=completion",
                    "pipeline.max_tokens=16", "count=6", "name=resp", env=env_for(tmp_path, GT_TEST_KEY=KEY))
     out = tmp_path / "outputs" / "datagen" / "resp"
+    assert (out / "qc_summary.json").exists(), f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     summary = json.loads((out / "qc_summary.json").read_text())
     assert proc.returncode == (0 if summary["verdict"] == "PASS" else 1), proc.stderr[-3000:]
     rows = records(out)
