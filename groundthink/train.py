@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from groundthink import schema
 from groundthink.hydra_support import Job, current_job, register_resolvers, resume_config, run_entry
 from groundthink.quant.stage import SteSettings
-from groundthink.training.errors import UserError
+from groundthink.training.errors import NothingToTrain, UserError
 
 log = logging.getLogger("groundthink")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -133,7 +133,8 @@ def _prepare(cfg: DictConfig, job: Job) -> SimpleNamespace:
     from groundthink.training.schedules import Curriculum
 
     trainer_s, optim_s, logger_s = s["trainer"], s["optim"], s["logger"]
-    folder = RunFolder(job.run_dir, resume=bool(cfg.resume))
+    folder = RunFolder(job.run_dir, resume=bool(cfg.resume),
+                       budget=("trainer.max_steps", trainer_s.max_steps, trainer_s.max_steps))
     folder.write_config(OmegaConf.to_yaml(cfg, resolve=True))
     assembly.apply_host_settings(trainer_s)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -201,7 +202,8 @@ def _fit(job: Job, run: SimpleNamespace) -> dict[str, Any]:
                       summary_fields={"num_params": model.num_params(), "wandb": wandb_record,
                                       "state_size": model.state_sizes(seq_len=s["data"].seq_len), **run.extra})
     lines = closing_lines(outcome, folder, precision=s["trainer"].precision,
-                          wandb_mode=wandb_record["mode"] if wandb_record else "disabled", multirun=job.multirun)
+                          wandb_mode=wandb_record["mode"] if wandb_record else "disabled", multirun=job.multirun,
+                          longer=getattr(run, "longer", None))
     if run.ste is not None and outcome.status == "completed" and run.trainer.is_global_zero:
         from groundthink.quant.stage import finish
 
@@ -232,6 +234,9 @@ def _hydra_entry(cfg: DictConfig) -> Any:
         _end_startup_gc()
     try:
         summary = train(cfg, job)
+    except NothingToTrain as exc:  # resume= of a finished run: say so, change nothing, exit 0
+        log.info(f"\n{exc}")
+        return None
     except (UserError, DataError, RunDirError, CheckpointError) as exc:
         if job.multirun:
             raise

@@ -235,3 +235,15 @@ def test_stage_rl_bad_input_fails_before_anything_with_one_line(tmp_path):
 
     with pytest.raises(UserError, match="stage=rl starts from a trained run: give init_from="):
         lineage.required(OmegaConf.create({"stage": "rl", "init_from": None}))
+
+
+def test_resuming_an_rl_run_at_its_episode_budget_names_rl_num_episodes(tmp_path):
+    """An RL run's step budget is rl.num_episodes / rl.batch_size: the message and the suggestion say so."""
+    from groundthink.training.checkpoint import save_checkpoint
+    from groundthink.training.errors import NothingToTrain
+    from groundthink.training.run import RunFolder
+
+    save_checkpoint(tmp_path / "checkpoints", "last", {"w": torch.zeros(1)}, {"step": 3})
+    with pytest.raises(NothingToTrain, match=r"at step 3 and rl\.num_episodes=12 \(3 steps\).*rl\.num_episodes=24"):
+        RunFolder(tmp_path, resume=True, budget=("rl.num_episodes", 12, 3))
+    assert RunFolder(tmp_path, resume=True, budget=("rl.num_episodes", 16, 4)).resume_step == 3

@@ -229,3 +229,19 @@ def test_printed_resume_command_works_pasted_into_a_shell(tmp_path):
     assert json.loads((job / "summary.json").read_text())["step"] == 12
     assert os.path.isdir(job)
 
+
+
+def test_resuming_a_finished_run_changes_nothing_and_says_how_to_train_it_longer(tmp_path):
+    """`resume=` of a run already at trainer.max_steps used to start W&B and Lightning, train nothing and rewrite
+    summary.json (tokens/s and start-up None, the wall time of the empty fit): now it exits 0 with one message."""
+    run_train(tmp_path, "trainer.max_steps=4", "callbacks.progress_bar=false")
+    (run,) = run_dirs(tmp_path)
+    files = [run / "summary.json", run / "metrics.csv", run / "checkpoints" / "last.json", run / "config.yaml"]
+    before = {path: path.read_bytes() for path in files}
+    wandb_before = sorted((run / "wandb").iterdir())
+    proc = run_train(tmp_path, f"resume={run}")
+    said = proc.stdout + proc.stderr
+    assert "already at step 4 and trainer.max_steps=4: nothing to train" in said, said[-2000:]
+    assert "trainer.max_steps=8" in said and "Traceback" not in said
+    assert {path: path.read_bytes() for path in files} == before
+    assert sorted((run / "wandb").iterdir()) == wandb_before

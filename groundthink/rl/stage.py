@@ -72,7 +72,7 @@ def prepare(cfg: DictConfig, job: Any, s: dict[str, Any]) -> SimpleNamespace:
     if trainer_s.accumulate_grad_batches != 1:
         raise UserError("stage=rl takes one optimizer step per batch of episodes: use "
                         "trainer.accumulate_grad_batches=1 (a larger rl.batch_size instead)")
-    folder = RunFolder(job.run_dir, resume=bool(cfg.resume))
+    folder = RunFolder(job.run_dir, resume=bool(cfg.resume), budget=("rl.num_episodes", rl.num_episodes, rl.max_steps))
     folder.write_config(OmegaConf.to_yaml(cfg, resolve=True))
     assembly.apply_host_settings(trainer_s)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -120,5 +120,6 @@ def prepare(cfg: DictConfig, job: Any, s: dict[str, Any]) -> SimpleNamespace:
                            tokenizer=tokenizer, val_texts=[])
     return SimpleNamespace(s=s, folder=folder, data=data, model=model, module=module, loggers=loggers,
                            extra=lineage_fields, callbacks={"checkpointing": checkpointing, "throughput": throughput},
-                           trainer=trainer, datamodule=datamodule, wandb_record=wandb_record, ste=None)
+                           trainer=trainer, datamodule=datamodule, wandb_record=wandb_record, ste=None,
+                           longer=f"rl.num_episodes={2 * rl.num_episodes}")  # the resume hint of a finished run
 

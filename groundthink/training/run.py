@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from groundthink.training.checkpoint import CheckpointError, find_last_good_checkpoint, remove_stale_temp_files
-from groundthink.training.errors import UserError  # defined there (light to import); also imported from here
+from groundthink.training.errors import NothingToTrain, UserError  # defined there (light to import); imported from here
 from groundthink.training.metrics_file import METRICS_FILE, higher_is_better, read_metrics_csv
 from groundthink.training.module import NonFiniteLossError
 from groundthink.training.rundir import ensure_writable, launched_rank, new_run_id
@@ -43,7 +43,10 @@ class GateFailed(RuntimeError):
 class RunFolder:
     """A run folder opened for training: a fresh one, or the folder of the run being resumed."""
 
-    def __init__(self, run_dir: Path, *, resume: bool) -> None:
+    def __init__(self, run_dir: Path, *, resume: bool, budget: tuple[str, int, int] | None = None) -> None:
+        """budget: (the override that sets the step budget, its value, the steps it makes), e.g.
+        ("trainer.max_steps", 600, 600): resuming a run whose last checkpoint is at or past that many steps raises
+        NothingToTrain before anything in the folder is touched."""
         self.path = Path(run_dir)
         self.resume = resume
         self.checkpoints = self.path / "checkpoints"
@@ -62,6 +65,15 @@ class RunFolder:
         self.run_id = self.previous.get("run_id") or (suffix.group(1) if suffix else new_run_id())
         self.wandb_run_id = self.previous.get("wandb_run_id") or self.run_id
         self.resume_step = int(self.previous.get("step", 0)) if resume else None
+        if resume and budget is not None and self.resume_step >= budget[2]:
+            key, value, steps = budget
+            unit = "" if key == "trainer.max_steps" else f" ({steps} steps)"
+            twice = 2 * max(self.resume_step, 1)  # the suggestion doubles the steps the run has made
+            more = twice if key == "trainer.max_steps" else math.ceil(value * twice / max(steps, 1))
+            raise NothingToTrain(
+                f"resume={self.path}: the run is already at step {self.resume_step} and {key}={value}{unit}: nothing "
+                f"to train, and its files are left as they were. To train it longer: "
+                f"{resume_command(self.path, f'{key}={more}')}")
 
     def write_config(self, yaml_text: str) -> None:
         if launched_rank()[0] == 0:  # under torchrun/srun rank 0 writes the run's files, the others read them
@@ -194,17 +206,19 @@ def write_summary(run_dir: Path, **fields: Any) -> dict[str, Any]:
     return summary
 
 
-def resume_command(run_dir: Path, more_steps: int | None = None) -> str:
-    """The command that resumes this run (to `more_steps` if given), safe to paste into a shell as printed."""
+def resume_command(run_dir: Path, longer: str | None = None) -> str:
+    """The command that resumes this run (with `longer`, e.g. "trainer.max_steps=600", to train it further),
+    safe to paste into a shell as printed."""
     command = f"groundthink-train {shlex.quote(f'resume={run_dir}')}"
-    return command + (f" trainer.max_steps={more_steps}" if more_steps else "")
+    return command + (f" {longer}" if longer else "")
 
 
 def closing_lines(outcome: Outcome, folder: RunFolder, *, precision: str, wandb_mode: str,
-                  multirun: bool = False) -> list[str]:
+                  multirun: bool = False, longer: str | None = None) -> list[str]:
     """What the end of a run prints: status, the numbers, where things are, and only advice that applies. The
     start-up (summary.json `startup_s`) counts from the command for a single run, from the job's start in a
-    multirun (groundthink.hydra_support.current_job)."""
+    multirun (groundthink.hydra_support.current_job). `longer`: the override that trains a completed run further
+    (default: twice its steps as trainer.max_steps)."""
     s = outcome.summary
     final = s.get("final", {})
     lines = [f"\n=== GroundThink run {s.get('run_id')}: {outcome.status} at step {s.get('step')} ==="]
@@ -226,8 +240,9 @@ def closing_lines(outcome: Outcome, folder: RunFolder, *, precision: str, wandb_
     lines.append(f"outputs  {folder.path}  (config.yaml, metrics.csv, checkpoints/, {tokenizer}summary.json)")
     if folder.has_checkpoint():
         if outcome.status == "completed":  # continuing a finished run means training it for longer
-            lines.append(f"resume   {resume_command(folder.path, 2 * int(s.get('step') or 0))}   (any longer "
-                         "trainer.max_steps)")
+            longer = longer or f"trainer.max_steps={2 * int(s.get('step') or 0)}"
+            lines.append(f"resume   {resume_command(folder.path, longer)}   (any longer "
+                         f"{longer.split('=')[0]})")
         else:
             kept = "the last good checkpoint is kept: " if outcome.status == "failed" else ""
             lines.append(f"resume   {kept}{resume_command(folder.path)}")
