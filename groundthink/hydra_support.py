@@ -139,7 +139,25 @@ def resume_config(cfg: DictConfig, job: Job) -> DictConfig:
     return saved
 
 
-def prepare_argv(argv: list[str]) -> list[str]:
+def run_groups(run_dir: Path, argv: list[str], config_dir: str) -> list[str]:
+    """The config-group choices a run was started with (its .hydra/overrides.yaml, e.g. experiment=rl_smoke,
+    data=shards) that `argv` does not set: a resume composes them again, so that a field override of one of the run's
+    own groups (rl.num_episodes, data.max_tokens) is a known key. The run's saved config.yaml stays what is resumed."""
+    record = run_dir / ".hydra" / "overrides.yaml"
+    if not record.is_file():
+        return []
+    set_here = {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a and not a.startswith("-")}
+    groups = []
+    for override in OmegaConf.load(record):
+        key, _, value = str(override).partition("=")
+        if "." in key or key.startswith(("+", "~")) or key in set_here or key in ("hydra", "resume"):
+            continue
+        if (Path(config_dir) / key / f"{value}.yaml").is_file():
+            groups.append(f"{key}={value}")
+    return groups
+
+
+def prepare_argv(argv: list[str], config_dir: str | None = None) -> list[str]:
     """Check and adjust the command line before Hydra creates folders: the output folder must be writable, a
     `resume=` folder must exist (then its path is quoted for Hydra's parser, so a sweep job's folder such as
     `0_model.gamma_init=0.01,seed=1` works pasted as printed), and a resumed run's Hydra record goes beside its
@@ -167,6 +185,8 @@ def prepare_argv(argv: list[str]) -> list[str]:
             arg = "resume='" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
             if rank == 0:
                 out.append(f"hydra.output_subdir=.hydra/resume-{_PROCESS_TIME}")
+            if config_dir is not None:
+                out += run_groups(Path(path), argv, config_dir)
         out.append(arg)
     root = next((a.split("=", 1)[1] for a in argv if a.startswith("paths.output_root=")), None)
     ensure_writable(Path(root or os.environ.get("GROUNDTHINK_OUTPUT_ROOT", "outputs")))
@@ -197,7 +217,7 @@ def run_entry(hydra_entry: Any, config_dir: str) -> None:
     from groundthink.cli_checks import explain_override_errors
 
     try:
-        sys.argv[1:] = prepare_argv(sys.argv[1:])
+        sys.argv[1:] = prepare_argv(sys.argv[1:], config_dir)
     except (UserError, RunDirError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

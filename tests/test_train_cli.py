@@ -245,3 +245,14 @@ def test_resuming_a_finished_run_changes_nothing_and_says_how_to_train_it_longer
     assert "trainer.max_steps=8" in said and "Traceback" not in said
     assert {path: path.read_bytes() for path in files} == before
     assert sorted((run / "wandb").iterdir()) == wandb_before
+
+
+def test_resume_takes_field_overrides_of_the_runs_own_groups(tmp_path):
+    """Field overrides on a resume used to be checked against the default config's groups, so a field that only the
+    run's group has (data.num_kv_pairs of data=mqar) was an unknown key; the resume now composes the run's groups."""
+    run_train(tmp_path, "data=mqar", "model=tiny", "trainer.max_steps=2", "logger=csv", "callbacks.progress_bar=false")
+    (run,) = run_dirs(tmp_path, "default")
+    run_train(tmp_path, f"resume={run}", "trainer.max_steps=3", "data.num_kv_pairs=4")
+    assert json.loads((run / "summary.json").read_text())["step"] == 3
+    refused = run_train(tmp_path, f"resume={run}", "data=embedded", expect_rc=1)
+    assert "changes a config group" in refused.stdout + refused.stderr
