@@ -10,7 +10,8 @@ cells:
     groundthink-train -m -cn mqar_cpu       # the reduced grid (2 CPU cores, see experiments/mqar-recall/)
     groundthink-train -m -cn mqar           # Zoology's grid (a GPU job)
     groundthink-train -m -cn mqar_state     # mixers at equal recurrent state size
-    groundthink-compare outputs/mqar_cpu-multirun/<sweep folder> --best-of optim.lr
+    groundthink-compare outputs/mqar_cpu-multirun/<sweep folder>
+    groundthink-compare outputs/mqar-multirun/<sweep folder> --best-of optim.lr   # the sweeps over optim.lr
 
 Equal-state cells (`model=state/<pattern>_<target>`): for each target state size (elements per sequence, summed
 over the layers, as the mixers report it through HybridLM.state_sizes) each recurrent pattern gets the d_model
@@ -113,7 +114,8 @@ def render_sweep(name: str, question: str, expect: str, run: str, params: dict[s
         f"# Question: {question}",
         f"# Expect:   {expect}",
         f"# Run:      {run}",
-        f"#           report: groundthink-compare outputs/{name}-multirun/<sweep folder> --best-of optim.lr",
+        f"#           report: groundthink-compare outputs/{name}-multirun/<sweep folder>"
+        + (" --best-of optim.lr" if "optim.lr" in params else ""),
         "# Results:  experiments/mqar-recall/README.md (the reduced grid on 2 CPU cores).",
         "defaults:",
         "  - config",

@@ -454,6 +454,20 @@ def test_bad_input_is_refused_before_any_work(run_dir, tmp_path):
     assert not (tmp_path / "outputs" / "datagen" / "contam" / "data").exists()
 
 
+def test_missing_key_advice_works_on_the_command_line_and_the_refusal_leaves_no_folder(tmp_path):
+    env = {k: v for k, v in env_for(tmp_path).items() if k != "NO_SUCH_VAR_GT"}
+    proc = datagen(tmp_path, "backend.model=m", "backend.api_key_env=NO_SUCH_VAR_GT", "name=nokey", env=env)
+    assert proc.returncode == 1 and "backend.allow_missing_key=true" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "outputs" / "datagen" / "nokey").exists()
+    # Doing what the message says gets past the key check (to the dead server, refused before generation).
+    proc = datagen(tmp_path, "backend.model=m", "backend.api_key_env=NO_SUCH_VAR_GT", "backend.allow_missing_key=true",
+                   "backend.base_url=http://127.0.0.1:9/v1", "name=nokey", env=env)
+    assert proc.returncode == 1 and "secrets are never taken" not in proc.stderr, proc.stderr[-3000:]
+    assert "did not answer /models" in proc.stderr and "phases/" not in proc.stderr
+    proc = datagen(tmp_path, "backend.model=m", "backend.api_key=sk-123", env=env)
+    assert proc.returncode == 1 and "secrets are never taken from the command line" in proc.stderr
+
+
 def test_hf_backend_through_the_cli_and_sentinel_failure_stops_before_generation(tmp_path):
     from tests._hf_tiny import save_tiny
 

@@ -405,7 +405,59 @@ def test_every_datagen_option_composes_and_resolves(group, option):
 def test_secrets_are_refused_on_the_command_line():
     from groundthink.datagen.cli import UserError, refuse_secret_overrides
 
-    refuse_secret_overrides(["backend.api_key_env=MY_KEY", "pipeline.max_tokens=5", "guard.sentinel_tokens=4"])
-    for bad in ("+backend.api_key=sk-123", "backend.token=abc", "+backend.secret=x"):
-        with pytest.raises(UserError, match="environment variable"):
+    refuse_secret_overrides(["backend.api_key_env=MY_KEY", "pipeline.max_tokens=5", "guard.sentinel_tokens=4",
+                             "backend.allow_missing_key=true", "+backend.allow_missing_key=false"])
+    for bad in ("+backend.api_key=sk-123", "backend.token=abc", "+backend.secret=x", "backend.api_key=sk-123",
+                "++backend.apiKey=sk-1", "+backend.openai_api_key=sk-1", "+backend.key=sk-1", "+backend.secret_key=x",
+                "+backend.auth_token=x", "+backend.password=x", "+backend.access-token=x", "+backend.bearer=x"):
+        with pytest.raises(UserError, match="secrets are never taken from the command line") as err:
             refuse_secret_overrides([bad])
+        assert bad.split("=", 1)[1] not in str(err.value)
+
+
+def test_the_missing_key_errors_advice_is_accepted_on_the_command_line(monkeypatch):
+    """The error for a missing API key recommends an override; the command line must take it."""
+    import re
+
+    from groundthink.datagen.backends.openai_http import OpenAIBackend
+    from groundthink.datagen.cli import refuse_secret_overrides
+
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with pytest.raises(FatalBackendError) as err:
+        OpenAIBackend(base_url="http://127.0.0.1:9/v1", model="m", api_key_env="NO_SUCH_KEY_VAR")
+    advice = re.findall(r"backend\.\w+=\w+", str(err.value))
+    assert advice == ["backend.allow_missing_key=true"]
+    refuse_secret_overrides(advice)
+
+
+def test_a_refused_invocation_removes_only_a_folder_it_left_empty(tmp_path):
+    from groundthink.datagen.cli import _remove_if_unused
+
+    fresh = tmp_path / "fresh"
+    lock = RunLock(fresh).acquire()
+    (fresh / "datagen.log").touch()
+    (fresh / "rejects.jsonl").touch()
+    _remove_if_unused(fresh, lock)
+    assert not fresh.exists() and tmp_path.exists()
+    RunLock(fresh).acquire().release()  # the name is free again
+    # Anything beyond empty scaffolding (earlier records, a manifest, a log with text) keeps the folder as it is.
+    for name, text in (("manifest.json", "{}"), ("data/data-00000.jsonl", '{"id": "a"}\n'), ("datagen.log", "x")):
+        kept = tmp_path / name.replace("/", "_")
+        lock = RunLock(kept).acquire()
+        (kept / name).parent.mkdir(parents=True, exist_ok=True)
+        (kept / name).write_text(text)
+        _remove_if_unused(kept, lock)
+        lock.release()
+        assert (kept / name).read_text() == text and (kept / ".lock").exists()
+
+
+def test_the_closing_lines_list_only_what_the_folder_holds(tmp_path):
+    from groundthink.datagen.cli import _closing
+
+    (tmp_path / "data").mkdir()
+    for name in ("rejects.jsonl", "config.yaml", "manifest.json"):
+        (tmp_path / name).touch()
+    text = _closing(tmp_path, {"status": "completed", "phases": []}, None, None)
+    assert "(data/, rejects.jsonl, config.yaml, manifest.json)" in text and "phases/" not in text
+    (tmp_path / "phases").mkdir()
+    assert "(data/, phases/, rejects.jsonl" in _closing(tmp_path, {"status": "completed"}, None, None)

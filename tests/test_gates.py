@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from groundthink.gates.cli import gate_config
 from groundthink.gates.runner import check_gate_config, evaluate_gate, finish_gate_run
 from groundthink.hydra_support import register_resolvers
 from groundthink.models import HybridLM
-from groundthink.models.presets import preset
+from groundthink.models.presets import PRESETS, preset
 from groundthink.reporting.runs import load_run
 from tests.conftest import REPO, run_train, sample_texts, train_in_process
 from tests.test_diagnostics import freeze_states
@@ -277,6 +279,19 @@ def test_plus_gate_is_the_wrong_form_because_gate_is_already_in_the_defaults():
 
 
 # ----- groundthink-gate ----------------------------------------------------------------------------------------
+def test_gate_cli_static_names_a_bad_model_preset_or_pattern_without_a_traceback(tmp_path):
+    """`groundthink-gate static --model smal` printed a raw ValueError traceback."""
+    proc = subprocess.run([sys.executable, "-m", "groundthink.gates.cli", "static", "--gates", "g1", "--model", "smal",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr  # as the CLI's other usage errors (SystemExit("error: ..."))
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --model smal: not a model preset; allowed: {', '.join(PRESETS)}"]
+    assert not (tmp_path / "gates.json").exists()
+    with pytest.raises(SystemExit, match=r"--pattern Q: .*not allowed"):
+        cli.main(["static", "--gates", "g1", "--model", "tiny", "--pattern", "Q", "--out", str(tmp_path)])
+
+
 def test_gate_cli_static_and_check(runs, tmp_path, capsys):
     assert cli.main(["static", "--model", "tiny", "--pattern", "R,A", "--out", str(tmp_path / "static")]) == 0
     data = json.loads((tmp_path / "static" / "gates.json").read_text())

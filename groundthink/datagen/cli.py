@@ -32,9 +32,16 @@ from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 CONFIG_NAME = "datagen"
-# Override keys that would put a secret on the command line (and so into shell history and provenance).
-_SECRET_KEY = re.compile(r"^(.*[_-])?(api[_-]?key|key|secret|password|passwd|token|access[_-]?token|bearer)$",
-                         re.IGNORECASE)
+# Override keys that would put a secret on the command line (and so into shell history and provenance): a bare
+# `key`, or a name ending in a secret's name (api_key, openai_api_key, secret_key, auth_token, password, ...).
+# Settings that merely mention a key are not secrets: backend.api_key_env names a variable, and
+# backend.allow_missing_key is a switch. No settings dataclass or config group defines a secret-bearing field.
+_SECRET_KEY = re.compile(
+    r"^(?:key|(?:.*[_-])?(?:api[_-]?key|(?:secret|private|access|auth)[_-]?key|secret|password|passwd|token"
+    r"|access[_-]?token|bearer))$",
+    re.IGNORECASE)
+# What an invocation refused before any work leaves in a new folder; such a folder is removed again.
+_SCAFFOLDING = (".lock", "datagen.log", "rejects.jsonl")
 
 
 _APP_STARTED = False
@@ -237,12 +244,36 @@ def run(cfg: DictConfig) -> int:
         return code
     except StoreError as exc:
         raise UserError(str(exc)) from None
+    except UserError:
+        if rejects is not None:
+            rejects.close()
+        _remove_if_unused(out_dir, lock)
+        raise
     finally:
         if ctx is not None:
             ctx.close()
         if rejects is not None:
             rejects.close()
         lock.release()
+
+
+def _remove_if_unused(out_dir: Path, lock) -> None:
+    """After a refusal: remove the output folder if it holds nothing but this invocation's empty scaffolding (the
+    lock, an empty datagen.log and rejects.jsonl), so a mistyped command leaves no folder behind. A folder with
+    anything else in it (earlier records, a manifest, a non-empty log) is left exactly as it is."""
+    try:
+        entries = list(out_dir.iterdir())
+        if any(e.name not in _SCAFFOLDING or not e.is_file() or (e.name != ".lock" and e.stat().st_size)
+               for e in entries):
+            return
+        for entry in entries:
+            if entry.name != ".lock":
+                entry.unlink(missing_ok=True)
+        lock.path.unlink(missing_ok=True)  # still held, so no other writer can be using the folder
+        lock.release()
+        out_dir.rmdir()  # fails, harmlessly, if anything appeared meanwhile
+    except OSError:
+        pass
 
 
 async def _generate(backend, pipeline) -> list:
@@ -276,7 +307,9 @@ def _closing(out_dir: Path, invocation: dict[str, Any], qc_result, rejects) -> s
     if qc_result is not None:
         failed = f" ({', '.join(qc_result['failed'])})" if qc_result["failed"] else ""
         lines.append(f"QC {qc_result['verdict']}{failed}: {out_dir / 'qc_summary.json'}")
-    lines.append(f"outputs  {out_dir}  (data/, phases/, rejects.jsonl, config.yaml, manifest.json)")
+    present = [name for name in ("data/", "phases/", "rejects.jsonl", "config.yaml", "manifest.json")
+               if (out_dir / name.rstrip("/")).exists()]
+    lines.append(f"outputs  {out_dir}  ({', '.join(present)})")
     if rejects is not None and rejects.entries:
         lines.append(f"rejects  {len(rejects.entries)} logged in {rejects.path}; running the same command retries them")
     return "\n".join(lines)

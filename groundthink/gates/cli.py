@@ -72,13 +72,16 @@ def run_static(args) -> int:
 
     from groundthink.gates.registry import GateContext
     from groundthink.models import HybridLM
-    from groundthink.models.presets import preset
+    from groundthink.models.presets import PRESETS, preset
 
     gates = [gate_name(g) for g in args.gates.split(",") if g]
     static = [name for name, spec in GATES.items() if spec.static]
     bad = [g for g in gates if g not in static]
     if bad:
         raise SystemExit(f"error: static checks are {', '.join(static)}; got {bad} (the others judge a training run)")
+    unknown = [m for m in args.model.split(",") if m and m not in PRESETS]
+    if unknown:
+        raise SystemExit(f"error: --model {','.join(unknown)}: not a model preset; allowed: {', '.join(PRESETS)}")
     tokenizer = _tokenizer(args)
     configs = {g: gate_config(g) for g in gates}
     combined = GateReport("+".join(gates), f"static checks of {args.model} x {args.pattern}, tokenizer "
@@ -92,7 +95,10 @@ def run_static(args) -> int:
             report.criteria = spec.evaluate(GateContext(tokenizer=tokenizer, seed=args.seed), cfg)
         for model_name, pattern in variants if "model" in spec.reads else []:
             torch.manual_seed(args.seed)
-            model = HybridLM(preset(model_name, vocab_size=tokenizer.vocab_size, pattern=pattern))
+            try:
+                model = HybridLM(preset(model_name, vocab_size=tokenizer.vocab_size, pattern=pattern))
+            except ValueError as exc:
+                raise SystemExit(f"error: --model {model_name} --pattern {pattern}: {exc}") from None
             if spec.applies_to is not None and not spec.applies_to(model):
                 continue
             for c in spec.evaluate(GateContext(model=model, tokenizer=tokenizer, seed=args.seed), cfg):
