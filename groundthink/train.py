@@ -202,8 +202,7 @@ def _fit(job: Job, run: SimpleNamespace) -> dict[str, Any]:
                       summary_fields={"num_params": model.num_params(), "wandb": wandb_record,
                                       "state_size": model.state_sizes(seq_len=s["data"].seq_len), **run.extra})
     lines = closing_lines(outcome, folder, precision=s["trainer"].precision,
-                          wandb_mode=wandb_record["mode"] if wandb_record else "disabled", multirun=job.multirun,
-                          longer=getattr(run, "longer", None))
+                          wandb_mode=wandb_record["mode"] if wandb_record else "disabled", multirun=job.multirun)
     if run.ste is not None and outcome.status == "completed" and run.trainer.is_global_zero:
         from groundthink.quant.stage import finish
 

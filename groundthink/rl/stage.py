@@ -120,6 +120,5 @@ def prepare(cfg: DictConfig, job: Any, s: dict[str, Any]) -> SimpleNamespace:
                            tokenizer=tokenizer, val_texts=[])
     return SimpleNamespace(s=s, folder=folder, data=data, model=model, module=module, loggers=loggers,
                            extra=lineage_fields, callbacks={"checkpointing": checkpointing, "throughput": throughput},
-                           trainer=trainer, datamodule=datamodule, wandb_record=wandb_record, ste=None,
-                           longer=f"rl.num_episodes={2 * rl.num_episodes}")  # the resume hint of a finished run
+                           trainer=trainer, datamodule=datamodule, wandb_record=wandb_record, ste=None)
 

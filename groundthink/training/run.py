@@ -65,15 +65,21 @@ class RunFolder:
         self.run_id = self.previous.get("run_id") or (suffix.group(1) if suffix else new_run_id())
         self.wandb_run_id = self.previous.get("wandb_run_id") or self.run_id
         self.resume_step = int(self.previous.get("step", 0)) if resume else None
+        self.budget = budget or ("trainer.max_steps", 0, 0)
         if resume and budget is not None and self.resume_step >= budget[2]:
             key, value, steps = budget
             unit = "" if key == "trainer.max_steps" else f" ({steps} steps)"
-            twice = 2 * max(self.resume_step, 1)  # the suggestion doubles the steps the run has made
-            more = twice if key == "trainer.max_steps" else math.ceil(value * twice / max(steps, 1))
             raise NothingToTrain(
                 f"resume={self.path}: the run is already at step {self.resume_step} and {key}={value}{unit}: nothing "
                 f"to train, and its files are left as they were. To train it longer: "
-                f"{resume_command(self.path, f'{key}={more}')}")
+                f"{resume_command(self.path, self.train_longer(self.resume_step))}")
+
+    def train_longer(self, step: int) -> str:
+        """The override that gives a run at `step` twice those steps: trainer.max_steps, or the setting the budget
+        is counted in (rl.num_episodes), scaled by its steps."""
+        key, value, steps = self.budget
+        twice = 2 * max(step, 1)
+        return f"{key}={twice if key == 'trainer.max_steps' else math.ceil(value * twice / max(steps, 1))}"
 
     def write_config(self, yaml_text: str) -> None:
         if launched_rank()[0] == 0:  # under torchrun/srun rank 0 writes the run's files, the others read them
@@ -214,11 +220,10 @@ def resume_command(run_dir: Path, longer: str | None = None) -> str:
 
 
 def closing_lines(outcome: Outcome, folder: RunFolder, *, precision: str, wandb_mode: str,
-                  multirun: bool = False, longer: str | None = None) -> list[str]:
+                  multirun: bool = False) -> list[str]:
     """What the end of a run prints: status, the numbers, where things are, and only advice that applies. The
     start-up (summary.json `startup_s`) counts from the command for a single run, from the job's start in a
-    multirun (groundthink.hydra_support.current_job). `longer`: the override that trains a completed run further
-    (default: twice its steps as trainer.max_steps)."""
+    multirun (groundthink.hydra_support.current_job)."""
     s = outcome.summary
     final = s.get("final", {})
     lines = [f"\n=== GroundThink run {s.get('run_id')}: {outcome.status} at step {s.get('step')} ==="]
@@ -240,7 +245,7 @@ def closing_lines(outcome: Outcome, folder: RunFolder, *, precision: str, wandb_
     lines.append(f"outputs  {folder.path}  (config.yaml, metrics.csv, checkpoints/, {tokenizer}summary.json)")
     if folder.has_checkpoint():
         if outcome.status == "completed":  # continuing a finished run means training it for longer
-            longer = longer or f"trainer.max_steps={2 * int(s.get('step') or 0)}"
+            longer = folder.train_longer(int(s.get("step") or 0))
             lines.append(f"resume   {resume_command(folder.path, longer)}   (any longer "
                          f"{longer.split('=')[0]})")
         else:
