@@ -159,6 +159,7 @@ def run(cfg: DictConfig) -> int:
     secrets = _secrets(config)
     lock = RunLock(out_dir).acquire()
     rejects = None
+    refused = False  # a UserError before any work: the folder goes again if nothing was written in it
     ctx = None
     try:
         previous = load_manifest(out_dir) or {}
@@ -245,15 +246,15 @@ def run(cfg: DictConfig) -> int:
     except StoreError as exc:
         raise UserError(str(exc)) from None
     except UserError:
-        if rejects is not None:
-            rejects.close()
-        _remove_if_unused(out_dir, lock)
+        refused = True
         raise
     finally:
         if ctx is not None:
             ctx.close()
         if rejects is not None:
             rejects.close()
+        if refused:
+            _remove_if_unused(out_dir, lock)
         lock.release()
 
 
@@ -270,7 +271,7 @@ def _remove_if_unused(out_dir: Path, lock) -> None:
             if entry.name != ".lock":
                 entry.unlink(missing_ok=True)
         lock.path.unlink(missing_ok=True)  # still held, so no other writer can be using the folder
-        lock.release()
+        lock.release()  # the caller's release after this is a no-op
         out_dir.rmdir()  # fails, harmlessly, if anything appeared meanwhile
     except OSError:
         pass
